@@ -1,0 +1,11 @@
+"""deepmetric: deep metric learning for PyTorch.
+
+A drop-in for pytorch-metric-learning's common API (change the import, keep the code) that
+computes every loss and miner from one pairwise matrix and boolean label masks.
+"""
+
+from . import distances, losses, reducers, regularizers
+
+__version__ = "0.1.0"
+
+__all__ = ["distances", "losses", "reducers", "regularizers", "__version__"]

@@ -1,0 +1,74 @@
+"""Input validation shared by every loss, miner and distance.
+
+Bad input raises a ``ValueError`` that names the problem instead of failing deep inside an
+indexing operation (or, worse, silently producing NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
+    """Raise ``ValueError`` unless ``embeddings`` is a finite floating ``(N, D)`` tensor."""
+    if not isinstance(embeddings, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
+    if embeddings.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (batch_size, embedding_size), got shape {tuple(embeddings.shape)}"
+        )
+    if not embeddings.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {embeddings.dtype}")
+    if embeddings.numel() > 0 and not bool(torch.isfinite(embeddings).all()):
+        raise ValueError(f"{name} contain NaN or Inf")
+
+
+def check_labels(labels: Tensor, embeddings: Tensor, name: str = "labels") -> Tensor:
+    """Validate ``labels`` against ``embeddings`` and return them as an int64 tensor.
+
+    Labels must be a 1-D integer tensor (any integer dtype) with one entry per embedding, on the
+    embeddings' device.
+    """
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype, got {labels.dtype}")
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (batch_size,), got shape {tuple(labels.shape)}")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"{name} has {labels.shape[0]} entries but there are {embeddings.shape[0]} embeddings"
+        )
+    if labels.device != embeddings.device:
+        raise ValueError(
+            f"{name} are on {labels.device} but the embeddings are on {embeddings.device}"
+        )
+    return labels.long()
+
+
+def check_indices_tuple(
+    indices_tuple: tuple[Tensor, ...], n_query: int, n_ref: int
+) -> tuple[Tensor, ...]:
+    """Validate a miner's output: 3 (triplets) or 4 (pairs) 1-D index tensors of matching sizes."""
+    if len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            "indices_tuple must have 3 (anchor, positive, negative) or 4 (anchor1, positive, "
+            f"anchor2, negative) tensors, got {len(indices_tuple)}"
+        )
+    out = []
+    for i, idx in enumerate(indices_tuple):
+        if not isinstance(idx, Tensor) or idx.ndim != 1:
+            raise ValueError(f"indices_tuple[{i}] must be a 1-D tensor")
+        if idx.is_floating_point():
+            raise ValueError(f"indices_tuple[{i}] must be an integer tensor, got {idx.dtype}")
+        out.append(idx.long())
+    if len(out) == 3 and not (len(out[0]) == len(out[1]) == len(out[2])):
+        raise ValueError("anchor, positive and negative indices must have the same length")
+    if len(out) == 4 and (len(out[0]) != len(out[1]) or len(out[2]) != len(out[3])):
+        raise ValueError("anchor/positive and anchor/negative index pairs must have equal lengths")
+    bounds = (n_query, n_ref, n_ref) if len(out) == 3 else (n_query, n_ref, n_query, n_ref)
+    for i, (idx, bound) in enumerate(zip(out, bounds, strict=True)):
+        if idx.numel() > 0 and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+            raise ValueError(f"indices_tuple[{i}] has an index outside [0, {bound})")
+    return tuple(out)

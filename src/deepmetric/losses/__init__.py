@@ -1,0 +1,12 @@
+"""Metric-learning losses. Every loss is called as
+``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``."""
+
+from .base import BaseMetricLossFunction
+from .contrastive import ContrastiveLoss
+from .triplet import TripletMarginLoss
+
+__all__ = [
+    "BaseMetricLossFunction",
+    "ContrastiveLoss",
+    "TripletMarginLoss",
+]

@@ -1,0 +1,165 @@
+"""The call convention shared by every loss.
+
+``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`` as in
+pytorch-metric-learning, with ``distance=``, ``reducer=`` and ``embedding_regularizer=`` injected
+by keyword. A subclass implements :meth:`BaseMetricLossFunction.compute_loss`, which receives
+validated inputs and returns a loss dict (see :mod:`deepmetric.reducers`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from torch import Tensor, nn
+
+from .._checks import check_embeddings, check_indices_tuple, check_labels
+from .._pairs import label_masks, masks_from_indices
+from ..distances import BaseDistance, LpDistance
+from ..reducers import BaseReducer, LossDict, MeanReducer
+
+
+@dataclass
+class Batch:
+    """Validated inputs of one loss call.
+
+    ``ref_emb``/``ref_labels`` are the queries themselves unless the caller passed a separate
+    reference set; ``same_source`` records which, since a sample is never its own positive.
+    """
+
+    embeddings: Tensor  # (B, D)
+    labels: Tensor | None  # (B,) int64
+    ref_emb: Tensor  # (R, D)
+    ref_labels: Tensor | None  # (R,) int64
+    same_source: bool
+    indices_tuple: tuple[Tensor, ...] | None
+
+    def masks(self) -> tuple[Tensor, Tensor]:
+        """Boolean ``(B, R)`` positive and negative masks: from the miner's tuple if given,
+        otherwise every pair the labels define."""
+        n_query, n_ref = len(self.embeddings), len(self.ref_emb)
+        if self.indices_tuple is not None:
+            return masks_from_indices(self.indices_tuple, n_query, n_ref, self.embeddings.device)
+        assert self.labels is not None and self.ref_labels is not None
+        return label_masks(self.labels, self.ref_labels, self.same_source)
+
+
+def prepare_batch(
+    embeddings: Tensor,
+    labels: Tensor | None,
+    indices_tuple: tuple[Tensor, ...] | None,
+    ref_emb: Tensor | None,
+    ref_labels: Tensor | None,
+    labels_required: bool = True,
+) -> Batch:
+    """Validate a loss's (or miner's) inputs; raise ``ValueError`` naming any problem."""
+    check_embeddings(embeddings, "embeddings")
+    if labels is not None:
+        labels = check_labels(labels, embeddings, "labels")
+    elif labels_required and indices_tuple is None:
+        raise ValueError("labels are required when no indices_tuple is given")
+    same_source = ref_emb is None
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels were given without ref_emb")
+        ref_emb, ref_labels = embeddings, labels
+    else:
+        check_embeddings(ref_emb, "ref_emb")
+        if ref_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"ref_emb has dimension {ref_emb.shape[1]} but embeddings have "
+                f"{embeddings.shape[1]}"
+            )
+        if ref_emb.device != embeddings.device:
+            raise ValueError(
+                f"ref_emb is on {ref_emb.device} but embeddings are on {embeddings.device}"
+            )
+        if ref_labels is not None:
+            ref_labels = check_labels(ref_labels, ref_emb, "ref_labels")
+        elif labels is not None and indices_tuple is None:
+            raise ValueError("ref_labels are required with ref_emb when labels are given")
+    if indices_tuple is not None:
+        indices_tuple = check_indices_tuple(indices_tuple, len(embeddings), len(ref_emb))
+        indices_tuple = tuple(idx.to(embeddings.device) for idx in indices_tuple)
+    return Batch(embeddings, labels, ref_emb, ref_labels, same_source, indices_tuple)
+
+
+class LossOptions(TypedDict, total=False):
+    """The keyword options every loss accepts (typed, one level deep: no ``**kwargs`` chains)."""
+
+    distance: BaseDistance | None
+    reducer: BaseReducer | None
+    embedding_regularizer: nn.Module | None
+    embedding_reg_weight: float
+
+
+class BaseMetricLossFunction(nn.Module):
+    """Base class of every loss: validation, the distance, the reducer and the regularizer.
+
+    Args:
+        distance: the pairwise distance or similarity (default per loss, usually
+            ``LpDistance()``: Euclidean on L2-normalised embeddings).
+        reducer: how per-element losses become a scalar (default per loss).
+        embedding_regularizer: optional module mapping embeddings to a scalar penalty.
+        embedding_reg_weight: weight of that penalty.
+    """
+
+    # Losses that can work from a miner's indices_tuple alone set this; proxy losses need labels.
+    labels_required = True
+
+    def __init__(
+        self,
+        *,
+        distance: BaseDistance | None = None,
+        reducer: BaseReducer | None = None,
+        embedding_regularizer: nn.Module | None = None,
+        embedding_reg_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.distance = self.get_default_distance() if distance is None else distance
+        self.reducer = self.get_default_reducer() if reducer is None else reducer
+        self.embedding_regularizer = embedding_regularizer
+        self.embedding_reg_weight = embedding_reg_weight
+
+    def get_default_distance(self) -> BaseDistance:
+        return LpDistance()
+
+    def get_default_reducer(self) -> BaseReducer:
+        return MeanReducer()
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor | None = None,
+        indices_tuple: tuple[Tensor, ...] | None = None,
+        ref_emb: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Any:
+        """``(B, D)`` embeddings and ``(B,)`` integer labels -> scalar loss.
+
+        ``indices_tuple`` restricts the loss to a miner's pairs or triplets; ``ref_emb`` and
+        ``ref_labels`` (``(R, D)``, ``(R,)``) compare the queries with a separate reference set.
+        """
+        batch = prepare_batch(
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, self.labels_required
+        )
+        loss_dict = self.compute_loss(batch)
+        if self.embedding_regularizer is not None:
+            penalty = self.embedding_regularizer(embeddings) * self.embedding_reg_weight
+            loss_dict["embedding_reg_loss"] = {
+                "losses": penalty,
+                "indices": None,
+                "reduction_type": "already_reduced",
+            }
+        return self.reducer(loss_dict, embeddings, batch.labels)
+
+    def compute_loss(self, batch: Batch) -> LossDict:
+        raise NotImplementedError
+
+    def zero_losses(self, *names: str) -> LossDict:
+        """A loss dict of zeros, for batches with nothing to learn from (the reducer turns them
+        into a zero with a zero gradient)."""
+        return {
+            name: {"losses": 0.0, "indices": None, "reduction_type": "already_reduced"}
+            for name in (names or ("loss",))
+        }

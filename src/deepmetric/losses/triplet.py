@@ -1,0 +1,159 @@
+"""Triplet margin loss (Schroff, Kalenichenko & Philbin, FaceNet, 2015)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from typing_extensions import Unpack
+
+from .._pairs import all_triplets, pairs_to_triplets, positive_pair_chunks, random_triplets
+from ..distances import BaseDistance
+from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, SelectingReducer
+from .base import BaseMetricLossFunction, Batch, LossOptions
+
+
+def triplet_margin_losses(
+    ap_dists: Tensor, an_dists: Tensor, margin: float, smooth_loss: bool, distance: BaseDistance
+) -> Tensor:
+    """Per-triplet losses ``relu(d(a,p) - d(a,n) + margin)`` (``softplus`` when smooth; the
+    margin is measured the other way round for a similarity)."""
+    violation = distance.margin(ap_dists, an_dists) + margin
+    return F.softplus(violation) if smooth_loss else F.relu(violation)
+
+
+class TripletMarginLoss(BaseMetricLossFunction):
+    """Every anchor should be closer to its positive than to its negative by ``margin``.
+
+    Schroff, Kalenichenko & Philbin, "FaceNet: A Unified Embedding for Face Recognition and
+    Clustering", 2015. Arguments and defaults as in PML: ``margin=0.05``, ``swap=False`` (use the
+    positive-negative distance when it violates the margin more; Balntas 2016),
+    ``smooth_loss=False`` (softplus instead of relu), ``triplets_per_anchor="all"`` (or an
+    integer: that many random triplets per anchor), ``AvgNonZeroReducer``.
+
+    Without a miner the loss covers all ``B·(K-1)·(B-K)`` triplets, but never holds them in
+    memory: they are visited one block of positive pairs at a time and the gradient with respect
+    to the ``(B, R)`` distance matrix is accumulated in closed form, so memory stays ``O(B·R)``.
+
+    Shapes: embeddings ``(B, D)``, labels ``(B,)`` -> scalar.
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.05,
+        swap: bool = False,
+        smooth_loss: bool = False,
+        triplets_per_anchor: int | Literal["all"] = "all",
+        **options: Unpack[LossOptions],
+    ) -> None:
+        super().__init__(**options)
+        if triplets_per_anchor != "all" and not isinstance(triplets_per_anchor, int):
+            raise ValueError(
+                f"triplets_per_anchor must be 'all' or an int, got {triplets_per_anchor!r}"
+            )
+        self.margin = margin
+        self.swap = swap
+        self.smooth_loss = smooth_loss
+        self.triplets_per_anchor = triplets_per_anchor
+
+    def get_default_reducer(self) -> BaseReducer:
+        return AvgNonZeroReducer()
+
+    def compute_loss(self, batch: Batch) -> LossDict:
+        mat = self.distance(batch.embeddings, batch.ref_emb)
+        # distances between positives and negatives, for swap: both index the reference set
+        pn_mat = mat if batch.same_source else None
+        if self.swap and pn_mat is None:
+            pn_mat = self.distance(batch.ref_emb)
+
+        if batch.indices_tuple is None and self.triplets_per_anchor == "all":
+            reducer = self.reducer
+            if isinstance(reducer, SelectingReducer) and _reduces_by_selection(reducer):
+                pos_mask, neg_mask = batch.masks()
+                value = self._streamed_loss(mat, pn_mat, pos_mask, neg_mask, reducer)
+                return {"loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}}
+
+        a, p, n = self._triplets(batch)
+        if len(a) == 0:
+            return self.zero_losses()
+        an_dists = mat[a, n]
+        if self.swap:
+            assert pn_mat is not None
+            an_dists = self.distance.smallest_dist(an_dists, pn_mat[p, n])
+        losses = triplet_margin_losses(
+            mat[a, p], an_dists, self.margin, self.smooth_loss, self.distance
+        )
+        return {"loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}}
+
+    def _triplets(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        if batch.indices_tuple is not None:
+            return pairs_to_triplets(batch.indices_tuple)
+        pos_mask, neg_mask = batch.masks()
+        if self.triplets_per_anchor == "all":
+            return all_triplets(pos_mask, neg_mask)
+        return random_triplets(pos_mask, neg_mask, self.triplets_per_anchor)
+
+    def _streamed_loss(
+        self,
+        mat: Tensor,
+        pn_mat: Tensor | None,
+        pos_mask: Tensor,
+        neg_mask: Tensor,
+        reducer: SelectingReducer,
+    ) -> Tensor:
+        """The reduced loss over all triplets, one block of positive pairs at a time.
+
+        For each block the per-triplet losses are computed without autograd; the reducer picks the
+        ones that count, and ``d loss / d violation`` (1 or 0 for relu, a sigmoid for softplus) is
+        scattered onto the ``(B, R)`` matrices: ``+`` at ``[a, p]``, ``-`` at ``[a, n]`` (or at
+        ``[p, n]`` where swap chose the positive-negative distance). The returned tensor has the
+        exact value, and a gradient equal to that of the explicit computation.
+        """
+        dist = mat.detach()
+        pn_dist = pn_mat.detach() if (self.swap and pn_mat is not None) else None
+        grad = torch.zeros_like(dist)
+        grad_pn = torch.zeros_like(pn_dist) if pn_dist is not None else None
+        sign = -1.0 if self.distance.is_inverted else 1.0
+        total = dist.new_zeros(())
+        n_selected = torch.zeros((), dtype=torch.long, device=dist.device)
+        n_total = torch.zeros((), dtype=torch.long, device=dist.device)
+
+        for anchors, positives in positive_pair_chunks(pos_mask, dist.shape[1]):
+            ap = dist[anchors, positives].unsqueeze(1)  # (c, 1)
+            an = dist[anchors]  # (c, R)
+            use_pn = None
+            if pn_dist is not None:
+                pn = pn_dist[positives]  # (c, R)
+                use_pn = self.distance.smallest_dist(an, pn) != an
+                an = torch.where(use_pn, pn, an)
+            violation = self.distance.margin(ap, an) + self.margin
+            losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
+            valid = neg_mask[anchors]
+            keep = valid & reducer.select(losses)
+            total += losses[keep].sum()
+            n_selected += keep.sum()
+            n_total += valid.sum()
+            slope = torch.sigmoid(violation) if self.smooth_loss else (violation > 0).to(dist.dtype)
+            slope = slope * keep
+            grad.index_put_((anchors, positives), sign * slope.sum(dim=1), accumulate=True)
+            if use_pn is not None and grad_pn is not None:
+                grad.index_add_(0, anchors, -sign * slope * ~use_pn)
+                grad_pn.index_add_(0, positives, -sign * slope * use_pn)
+            else:
+                grad.index_add_(0, anchors, -sign * slope)
+
+        if int(n_selected) == 0:
+            return (mat * 0).sum()
+        divisor = reducer.divisor(n_selected, n_total).to(dist.dtype)
+        surrogate = (grad * mat).sum()
+        if grad_pn is not None and pn_mat is not None:
+            surrogate = surrogate + (grad_pn * pn_mat).sum()
+        surrogate = surrogate / divisor
+        return total / divisor + (surrogate - surrogate.detach())
+
+
+def _reduces_by_selection(reducer: SelectingReducer) -> bool:
+    """True unless a subclass replaced the select-then-divide rule with its own ``reduce``."""
+    return type(reducer).reduce is SelectingReducer.reduce
