@@ -22,7 +22,7 @@ def value_and_grad(
     loss = loss_fn(emb, *args, **kwargs)
     loss.backward()
     assert emb.grad is not None
-    return float(loss), emb.grad
+    return float(loss.detach()), emb.grad
 
 
 def assert_same_loss(

@@ -38,7 +38,10 @@ def label_masks(labels: Tensor, ref_labels: Tensor, same_source: bool) -> tuple[
 def masks_from_indices(
     indices_tuple: tuple[Tensor, ...], n_query: int, n_ref: int, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """A miner's index tuple -> boolean ``(B, R)`` positive and negative masks (duplicates merge)."""
+    """A miner's index tuple -> boolean ``(B, R)`` positive and negative masks.
+
+    Duplicate pairs merge into one entry, as in PML's matrix-based losses.
+    """
     a1, p, a2, n = to_pairs(indices_tuple)
     pos_mask = torch.zeros(n_query, n_ref, dtype=torch.bool, device=device)
     neg_mask = torch.zeros(n_query, n_ref, dtype=torch.bool, device=device)

@@ -57,7 +57,7 @@ class BaseDistance(nn.Module):
         self.is_inverted = is_inverted
 
     def forward(self, query_emb: Tensor, ref_emb: Tensor | None = None) -> Tensor:
-        """``(Nq, D)``, optional ``(Nr, D)`` -> ``(Nq, Nr)`` (``Nr = Nq`` when ``ref_emb`` is None)."""
+        """``(Nq, D)`` and optional ``(Nr, D)`` -> ``(Nq, Nr)``; no ``ref_emb``: the queries."""
         check_embeddings(query_emb, "query_emb")
         if ref_emb is not None:
             check_embeddings(ref_emb, "ref_emb")
@@ -156,10 +156,14 @@ def _squared_euclidean(query: Tensor, ref: Tensor) -> Tensor:
 
 
 class DotProductSimilarity(BaseDistance):
-    """Inner product ``q · r`` (a similarity: larger is closer). PML default: no normalisation."""
+    """Inner product ``q · r`` (a similarity: larger is closer). As in PML the embeddings are
+    L2-normalised by default (then it equals :class:`CosineSimilarity`); pass
+    ``normalize_embeddings=False`` for the raw inner product."""
 
-    def __init__(self, normalize_embeddings: bool = False, power: float = 1) -> None:
-        super().__init__(normalize_embeddings=normalize_embeddings, p=2, power=power, is_inverted=True)
+    def __init__(self, normalize_embeddings: bool = True, power: float = 1) -> None:
+        super().__init__(
+            normalize_embeddings=normalize_embeddings, p=2, power=power, is_inverted=True
+        )
 
     def compute_mat(self, query: Tensor, ref: Tensor) -> Tensor:
         return query @ ref.t()
@@ -174,6 +178,7 @@ class CosineSimilarity(DotProductSimilarity):
     def __init__(self, normalize_embeddings: bool = True, power: float = 1) -> None:
         if not normalize_embeddings:
             raise ValueError(
-                "CosineSimilarity always normalises; use DotProductSimilarity for raw inner products"
+                "CosineSimilarity always normalises; "
+                "use DotProductSimilarity(normalize_embeddings=False) for raw inner products"
             )
         super().__init__(normalize_embeddings=True, power=power)

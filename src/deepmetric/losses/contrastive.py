@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
-from typing_extensions import Unpack
 from torch import Tensor
+from typing_extensions import Unpack
 
 from .._pairs import pairs_from_masks, to_pairs
 from ..distances import BaseDistance

@@ -73,7 +73,8 @@ class TripletMarginLoss(BaseMetricLossFunction):
             if isinstance(reducer, SelectingReducer) and _reduces_by_selection(reducer):
                 pos_mask, neg_mask = batch.masks()
                 value = self._streamed_loss(mat, pn_mat, pos_mask, neg_mask, reducer)
-                return {"loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}}
+                info = {"losses": value, "indices": None, "reduction_type": "already_reduced"}
+                return {"loss": info}
 
         a, p, n = self._triplets(batch)
         if len(a) == 0:
