@@ -3,10 +3,17 @@
 
 from .base import BaseMetricLossFunction
 from .contrastive import ContrastiveLoss
+from .lifted import GeneralizedLiftedStructureLoss, LiftedStructureLoss
+from .npairs import NPairsLoss
+from .ntxent import NTXentLoss
 from .triplet import TripletMarginLoss
 
 __all__ = [
     "BaseMetricLossFunction",
     "ContrastiveLoss",
+    "GeneralizedLiftedStructureLoss",
+    "LiftedStructureLoss",
+    "NPairsLoss",
+    "NTXentLoss",
     "TripletMarginLoss",
 ]

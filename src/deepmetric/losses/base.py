@@ -50,13 +50,19 @@ def prepare_batch(
     indices_tuple: tuple[Tensor, ...] | None,
     ref_emb: Tensor | None,
     ref_labels: Tensor | None,
-    labels_required: bool = True,
+    requires_labels: bool = False,
 ) -> Batch:
-    """Validate a loss's (or miner's) inputs; raise ``ValueError`` naming any problem."""
+    """Validate a loss's (or miner's) inputs; raise ``ValueError`` naming any problem.
+
+    Labels are needed unless a miner's ``indices_tuple`` says which pairs to use; with
+    ``requires_labels`` (classification and proxy losses) they are needed in any case.
+    """
     check_embeddings(embeddings, "embeddings")
     if labels is not None:
         labels = check_labels(labels, embeddings, "labels")
-    elif labels_required and indices_tuple is None:
+    elif requires_labels:
+        raise ValueError("labels are required by this loss")
+    elif indices_tuple is None:
         raise ValueError("labels are required when no indices_tuple is given")
     same_source = ref_emb is None
     if ref_emb is None:
@@ -104,8 +110,8 @@ class BaseMetricLossFunction(nn.Module):
         embedding_reg_weight: weight of that penalty.
     """
 
-    # Losses that can work from a miner's indices_tuple alone set this; proxy losses need labels.
-    labels_required = True
+    # Proxy and classification losses need labels even when a miner's indices_tuple is given.
+    requires_labels = False
 
     def __init__(
         self,
@@ -141,7 +147,7 @@ class BaseMetricLossFunction(nn.Module):
         ``ref_labels`` (``(R, D)``, ``(R,)``) compare the queries with a separate reference set.
         """
         batch = prepare_batch(
-            embeddings, labels, indices_tuple, ref_emb, ref_labels, self.labels_required
+            embeddings, labels, indices_tuple, ref_emb, ref_labels, self.requires_labels
         )
         loss_dict = self.compute_loss(batch)
         if self.embedding_regularizer is not None:

@@ -11,7 +11,7 @@ from typing_extensions import Unpack
 
 from .._pairs import all_triplets, pairs_to_triplets, positive_pair_chunks, random_triplets
 from ..distances import BaseDistance
-from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, SelectingReducer
+from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, LossInfo, SelectingReducer
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -73,7 +73,11 @@ class TripletMarginLoss(BaseMetricLossFunction):
             if isinstance(reducer, SelectingReducer) and _reduces_by_selection(reducer):
                 pos_mask, neg_mask = batch.masks()
                 value = self._streamed_loss(mat, pn_mat, pos_mask, neg_mask, reducer)
-                info = {"losses": value, "indices": None, "reduction_type": "already_reduced"}
+                info: LossInfo = {
+                    "losses": value,
+                    "indices": None,
+                    "reduction_type": "already_reduced",
+                }
                 return {"loss": info}
 
         a, p, n = self._triplets(batch)
