@@ -6,10 +6,27 @@ from .contrastive import ContrastiveLoss
 from .lifted import GeneralizedLiftedStructureLoss, LiftedStructureLoss
 from .npairs import NPairsLoss
 from .ntxent import NTXentLoss
+from .proxy import ProxyAnchorLoss, ProxyNCALoss
+from .softmax_margin import (
+    ArcFaceLoss,
+    CosFaceLoss,
+    LargeMarginSoftmaxLoss,
+    NormalizedSoftmaxLoss,
+    SphereFaceLoss,
+    SubCenterArcFaceLoss,
+)
 from .triplet import TripletMarginLoss
 
 __all__ = [
+    "ArcFaceLoss",
     "BaseMetricLossFunction",
+    "CosFaceLoss",
+    "LargeMarginSoftmaxLoss",
+    "NormalizedSoftmaxLoss",
+    "ProxyAnchorLoss",
+    "ProxyNCALoss",
+    "SphereFaceLoss",
+    "SubCenterArcFaceLoss",
     "ContrastiveLoss",
     "GeneralizedLiftedStructureLoss",
     "LiftedStructureLoss",
