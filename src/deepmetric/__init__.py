@@ -4,8 +4,8 @@ A drop-in for pytorch-metric-learning's common API (change the import, keep the 
 computes every loss and miner from one pairwise matrix and boolean label masks.
 """
 
-from . import distances, losses, reducers, regularizers
+from . import distances, losses, miners, reducers, regularizers
 
 __version__ = "0.1.0"
 
-__all__ = ["distances", "losses", "reducers", "regularizers", "__version__"]
+__all__ = ["distances", "losses", "miners", "reducers", "regularizers", "__version__"]

@@ -130,10 +130,10 @@ def random_triplets(
         empty = torch.empty(0, dtype=torch.long, device=pos_mask.device)
         return empty, empty.clone(), empty.clone()
     a = anchors.repeat_interleave(triplets_per_anchor)
-    return a, _sample_in_rows(pos_mask, a, generator), _sample_in_rows(neg_mask, a, generator)
+    return a, sample_in_rows(pos_mask, a, generator), sample_in_rows(neg_mask, a, generator)
 
 
-def _sample_in_rows(mask: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:
+def sample_in_rows(mask: Tensor, rows: Tensor, generator: torch.Generator | None) -> Tensor:
     """For each entry of ``rows``, a uniformly random column where ``mask[row]`` is True (every
     requested row must have one). Works on the list of True entries, never a dense copy."""
     true_rows, true_cols = torch.where(mask)

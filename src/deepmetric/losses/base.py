@@ -64,6 +64,9 @@ def prepare_batch(
         raise ValueError("labels are required by this loss")
     elif indices_tuple is None:
         raise ValueError("labels are required when no indices_tuple is given")
+    # passing the embeddings themselves as ref_emb (PML code does) is the same as passing nothing
+    if ref_emb is embeddings and ref_labels is labels:
+        ref_emb, ref_labels = None, None
     same_source = ref_emb is None
     if ref_emb is None:
         if ref_labels is not None:
