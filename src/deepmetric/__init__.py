@@ -4,8 +4,18 @@ A drop-in for pytorch-metric-learning's common API (change the import, keep the 
 computes every loss and miner from one pairwise matrix and boolean label masks.
 """
 
-from . import distances, losses, miners, reducers, regularizers
+from . import data, distances, losses, miners, models, reducers, regularizers, samplers
 
 __version__ = "0.1.0"
 
-__all__ = ["distances", "losses", "miners", "reducers", "regularizers", "__version__"]
+__all__ = [
+    "__version__",
+    "data",
+    "distances",
+    "losses",
+    "miners",
+    "models",
+    "reducers",
+    "regularizers",
+    "samplers",
+]

@@ -22,14 +22,16 @@ from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import NotRequired
 
 
 class LossInfo(TypedDict):
-    """One entry of a loss dict."""
+    """One entry of a loss dict (``divisor`` only for :class:`DivisorReducer`)."""
 
     losses: Tensor | float
     indices: Any
     reduction_type: str
+    divisor: NotRequired[float | Tensor]
 
 
 LossDict = dict[str, LossInfo]
@@ -85,6 +87,12 @@ class SelectingReducer(BaseReducer):
         return losses[keep].sum() / self.divisor(n_selected, n_total).to(losses.dtype)
 
 
+def reduces_by_selection(reducer: BaseReducer) -> bool:
+    """True for a :class:`SelectingReducer` that kept the select-then-divide rule (a subclass
+    that overrides ``reduce`` gets the losses materialised instead)."""
+    return isinstance(reducer, SelectingReducer) and type(reducer).reduce is SelectingReducer.reduce
+
+
 class MeanReducer(SelectingReducer):
     """The mean of all losses (PML's default for most losses)."""
 
@@ -129,6 +137,26 @@ class AvgNonZeroReducer(ThresholdReducer):
 
     def __init__(self) -> None:
         super().__init__(low=0)
+
+
+class DivisorReducer(BaseReducer):
+    """``sum(losses) / divisor``, with the divisor carried by each loss-dict entry (PML's
+    ``DivisorReducer``: the default of MarginLoss and ProxyAnchorLoss). A divisor of 0 gives a
+    zero loss, never NaN."""
+
+    def reduce_info(self, info: LossInfo, embeddings: Tensor) -> Tensor:
+        losses = info["losses"]
+        if not isinstance(losses, Tensor) or info["reduction_type"] == "already_reduced":
+            return super().reduce_info(info, embeddings)
+        divisor = info.get("divisor")
+        if divisor is None:
+            raise ValueError(
+                "DivisorReducer needs a 'divisor' in each loss entry; this "
+                f"'{info['reduction_type']}' entry has none"
+            )
+        if float(divisor) == 0 or losses.numel() == 0:
+            return zero_loss(embeddings) + (losses * 0).sum()
+        return losses.sum() / torch.as_tensor(divisor).to(losses.dtype)
 
 
 class DoNothingReducer(BaseReducer):

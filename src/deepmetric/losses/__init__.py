@@ -2,11 +2,15 @@
 ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``."""
 
 from .base import BaseMetricLossFunction
+from .circle import CircleLoss
 from .contrastive import ContrastiveLoss
 from .lifted import GeneralizedLiftedStructureLoss, LiftedStructureLoss
+from .margin import MarginLoss
+from .multi_similarity import MultiSimilarityLoss
 from .npairs import NPairsLoss
 from .ntxent import NTXentLoss
 from .proxy import ProxyAnchorLoss, ProxyNCALoss
+from .ranked_list import RankedListLoss
 from .softmax_margin import (
     ArcFaceLoss,
     CosFaceLoss,
@@ -20,16 +24,20 @@ from .triplet import TripletMarginLoss
 __all__ = [
     "ArcFaceLoss",
     "BaseMetricLossFunction",
+    "CircleLoss",
     "CosFaceLoss",
     "LargeMarginSoftmaxLoss",
     "NormalizedSoftmaxLoss",
     "ProxyAnchorLoss",
     "ProxyNCALoss",
+    "RankedListLoss",
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
     "ContrastiveLoss",
     "GeneralizedLiftedStructureLoss",
     "LiftedStructureLoss",
+    "MarginLoss",
+    "MultiSimilarityLoss",
     "NPairsLoss",
     "NTXentLoss",
     "TripletMarginLoss",

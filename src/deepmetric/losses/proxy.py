@@ -17,10 +17,10 @@ classifier matrix ``W`` of the softmax-margin losses in :mod:`.softmax_margin`),
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import reduce
-from typing import Any, TypedDict, cast
+from typing import TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from ..distances import BaseDistance, CosineSimilarity, LpDistance
-from ..reducers import BaseReducer, LossDict, LossInfo, zero_loss
+from ..reducers import BaseReducer, DivisorReducer, LossDict, LossInfo
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -52,26 +52,6 @@ class WeightOptions(TypedDict, total=False):
 
 class WeightLossOptions(LossOptions, WeightOptions, total=False):
     """:class:`LossOptions` plus :class:`WeightOptions`: every option of a class-weight loss."""
-
-
-class DivisorLossInfo(LossInfo, total=False):
-    """A loss-dict entry that carries its own divisor (read by :class:`DivisorReducer`)."""
-
-    divisor: float
-
-
-class DivisorReducer(BaseReducer):
-    """Sum each sub-loss and divide it by the ``divisor`` the loss put in its entry (PML's
-    ``DivisorReducer``; ProxyAnchor's default). A divisor of 0 gives a zero loss, never NaN."""
-
-    def reduce_info(self, info: LossInfo, embeddings: Tensor) -> Tensor:
-        losses = info["losses"]
-        if not isinstance(losses, Tensor) or info["reduction_type"] == "already_reduced":
-            return super().reduce_info(info, embeddings)
-        divisor = cast(Mapping[str, Any], info).get("divisor", 1)
-        if divisor == 0 or losses.numel() == 0:
-            return zero_loss(embeddings) + (losses * 0).sum()
-        return losses.sum() / divisor
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -343,13 +323,13 @@ class ProxyAnchorLoss(ClassWeightLoss):
             )
         n_with_pos = int(torch.unique(labels).numel())
         indices = torch.arange(self.num_classes, device=emb.device)
-        pos_info: DivisorLossInfo = {
+        pos_info: LossInfo = {
             "losses": pos,
             "indices": indices,
             "reduction_type": "element",
             "divisor": n_with_pos,
         }
-        neg_info: DivisorLossInfo = {
+        neg_info: LossInfo = {
             "losses": neg,
             "indices": indices,
             "reduction_type": "element",

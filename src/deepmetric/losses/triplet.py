@@ -11,7 +11,14 @@ from typing_extensions import Unpack
 
 from .._pairs import all_triplets, pairs_to_triplets, positive_pair_chunks, random_triplets
 from ..distances import BaseDistance
-from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, LossInfo, SelectingReducer
+from ..reducers import (
+    AvgNonZeroReducer,
+    BaseReducer,
+    LossDict,
+    LossInfo,
+    SelectingReducer,
+    reduces_by_selection,
+)
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -70,7 +77,7 @@ class TripletMarginLoss(BaseMetricLossFunction):
 
         if batch.indices_tuple is None and self.triplets_per_anchor == "all":
             reducer = self.reducer
-            if isinstance(reducer, SelectingReducer) and _reduces_by_selection(reducer):
+            if isinstance(reducer, SelectingReducer) and reduces_by_selection(reducer):
                 pos_mask, neg_mask = batch.masks()
                 value = self._streamed_loss(mat, pn_mat, pos_mask, neg_mask, reducer)
                 info: LossInfo = {
@@ -157,8 +164,3 @@ class TripletMarginLoss(BaseMetricLossFunction):
             surrogate = surrogate + (grad_pn * pn_mat).sum()
         surrogate = surrogate / divisor
         return total / divisor + (surrogate - surrogate.detach())
-
-
-def _reduces_by_selection(reducer: SelectingReducer) -> bool:
-    """True unless a subclass replaced the select-then-divide rule with its own ``reduce``."""
-    return type(reducer).reduce is SelectingReducer.reduce

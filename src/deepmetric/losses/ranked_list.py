@@ -1,0 +1,109 @@
+"""Ranked list loss (Wang, Hua, Kodirov, Hu, Garnier & Robertson, 2019)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from typing_extensions import Unpack
+
+from ..reducers import LossDict
+from .base import BaseMetricLossFunction, Batch, LossOptions
+
+# PML adds this to the weight of every column of a row before summing the weights.
+_WEIGHT_EPS = 1e-5
+
+
+def ranked_list_row_losses(
+    mat: Tensor,
+    pos_mask: Tensor,
+    neg_mask: Tensor,
+    margin: float,
+    alpha: float,
+    imbalance: float,
+    Tp: float,
+    Tn: float,
+) -> Tensor:
+    """Per-query ranked list losses.
+
+    A positive ``d_ip`` is active when ``d_ip > α - margin`` and a negative ``d_in`` when
+    ``d_in < α``; as in PML, only entries with ``d > 0`` count (the matrix is read as raw
+    numbers, also for a similarity). With the weights ``w_p = exp(Tp (d_ip - (α - margin)))`` and
+    ``w_n = exp(Tn (α - d_in))`` (differentiated through, as in PML)::
+
+        L_P = Σ_active w_p (d_ip - (α - margin)) / (Σ_active w_p + R·1e-5)
+        L_N = Σ_active w_n (α - d_in)            / (Σ_active w_n + R·1e-5)
+        loss_i = (1 - imbalance) L_P + imbalance L_N
+
+    Args:
+        mat: ``(B, R)`` distance matrix.
+        pos_mask, neg_mask: boolean ``(B, R)`` masks of the positive and negative pairs.
+        margin, alpha, imbalance, Tp, Tn: as in :class:`RankedListLoss`.
+
+    Returns:
+        ``(B,)`` losses.
+    """
+    positive_bound = alpha - margin
+    pos_active = pos_mask & (mat > positive_bound) & (mat > 0)
+    neg_active = neg_mask & (mat < alpha) & (mat > 0)
+    # violations, zero outside the active sets (so exp below never sees an inactive entry)
+    pos_violation = torch.where(pos_active, mat - positive_bound, torch.zeros_like(mat))
+    neg_violation = torch.where(neg_active, alpha - mat, torch.zeros_like(mat))
+    pos_weight = torch.exp(Tp * pos_violation) * pos_active
+    neg_weight = torch.exp(Tn * neg_violation) * neg_active
+    eps_sum = _WEIGHT_EPS * mat.shape[1]
+    loss_p = (pos_weight * pos_violation).sum(dim=1) / (pos_weight.sum(dim=1) + eps_sum)
+    loss_n = (neg_weight * neg_violation).sum(dim=1) / (neg_weight.sum(dim=1) + eps_sum)
+    return (1 - imbalance) * loss_p + imbalance * loss_n
+
+
+class RankedListLoss(BaseMetricLossFunction):
+    """Push every query's negatives beyond ``alpha`` and pull its positives within
+    ``alpha - margin``, weighting the violating pairs by how badly they rank.
+
+    Wang et al., "Ranked List Loss for Deep Metric Learning", 2019. Arguments and defaults as in
+    PML: ``margin`` and ``Tn`` are required, ``imbalance=0.5`` (weight of the negative part),
+    ``alpha=None`` (then ``1 + margin / 2``), ``Tp=0`` (temperatures of the positive and negative
+    weights; ``Tp=0`` is RLL-Simpler), ``LpDistance``, ``MeanReducer`` over the queries (see
+    :func:`ranked_list_row_losses`).
+
+    PML refuses ``indices_tuple`` and ``ref_emb``; here a miner's pairs (or triplets, as pairs)
+    restrict the positive and negative sets, and ``ref_emb``/``ref_labels`` supply the ranked
+    list.
+
+    Shapes: embeddings ``(B, D)``, labels ``(B,)`` -> scalar. Memory ``O(B·R)``.
+    """
+
+    def __init__(
+        self,
+        margin: float,
+        Tn: float,
+        imbalance: float = 0.5,
+        alpha: float | None = None,
+        Tp: float = 0,
+        **options: Unpack[LossOptions],
+    ) -> None:
+        super().__init__(**options)
+        if not 0 <= imbalance <= 1:
+            raise ValueError(f"imbalance must be between 0 and 1, got {imbalance}")
+        if Tp > 5 or Tn > 5:
+            warnings.warn(
+                "Values of Tp or Tn are too high. Too large temperature values may lead to "
+                "overflow.",
+                stacklevel=2,
+            )
+        self.margin = margin
+        self.Tn = Tn
+        self.imbalance = imbalance
+        self.alpha = 1 + margin / 2 if alpha is None else alpha
+        self.Tp = Tp
+
+    def compute_loss(self, batch: Batch) -> LossDict:
+        mat = self.distance(batch.embeddings, batch.ref_emb)
+        pos_mask, neg_mask = batch.masks()
+        losses = ranked_list_row_losses(
+            mat, pos_mask, neg_mask, self.margin, self.alpha, self.imbalance, self.Tp, self.Tn
+        )
+        rows = torch.arange(len(losses), device=losses.device)
+        return {"loss": {"losses": losses, "indices": rows, "reduction_type": "element"}}
