@@ -4,7 +4,17 @@ A drop-in for pytorch-metric-learning's common API (change the import, keep the 
 computes every loss and miner from one pairwise matrix and boolean label masks.
 """
 
-from . import data, distances, losses, miners, models, reducers, regularizers, samplers
+from . import (
+    data,
+    distances,
+    distributed,
+    losses,
+    miners,
+    models,
+    reducers,
+    regularizers,
+    samplers,
+)
 
 __version__ = "0.1.0"
 
@@ -12,6 +22,7 @@ __all__ = [
     "__version__",
     "data",
     "distances",
+    "distributed",
     "losses",
     "miners",
     "models",

@@ -33,6 +33,17 @@ from ._pairs import CHUNK_ELEMENTS, pairs_from_masks, positive_pair_chunks, samp
 from .distances import BaseDistance, CosineSimilarity, LpDistance
 from .losses.base import Batch, prepare_batch
 
+__all__ = [
+    "BaseMiner",
+    "BatchEasyHardMiner",
+    "BatchHardMiner",
+    "DistanceWeightedMiner",
+    "MultiSimilarityMiner",
+    "PairMarginMiner",
+    "TripletMarginMiner",
+    "cap_negative_pairs",
+]
+
 Triplets = tuple[Tensor, Tensor, Tensor]
 Pairs = tuple[Tensor, Tensor, Tensor, Tensor]
 IndicesTuple = Triplets | Pairs

@@ -4,6 +4,7 @@
 from .base import BaseMetricLossFunction
 from .circle import CircleLoss
 from .contrastive import ContrastiveLoss
+from .cross_batch_memory import CrossBatchMemory
 from .lifted import GeneralizedLiftedStructureLoss, LiftedStructureLoss
 from .margin import MarginLoss
 from .multi_similarity import MultiSimilarityLoss
@@ -26,6 +27,7 @@ __all__ = [
     "BaseMetricLossFunction",
     "CircleLoss",
     "CosFaceLoss",
+    "CrossBatchMemory",
     "LargeMarginSoftmaxLoss",
     "NormalizedSoftmaxLoss",
     "ProxyAnchorLoss",
