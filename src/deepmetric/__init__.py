@@ -8,12 +8,15 @@ from . import (
     data,
     distances,
     distributed,
+    estimators,
+    fewshot,
     losses,
     miners,
     models,
     reducers,
     regularizers,
     samplers,
+    verification,
 )
 
 __version__ = "0.1.0"
@@ -23,10 +26,13 @@ __all__ = [
     "data",
     "distances",
     "distributed",
+    "estimators",
+    "fewshot",
     "losses",
     "miners",
     "models",
     "reducers",
     "regularizers",
     "samplers",
+    "verification",
 ]
