@@ -1,0 +1,5 @@
+"""``python -m deepmetric`` is the ``deepmetric`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""A run's report: PNG figures and one self-contained HTML page.
+
+* ``curves.png`` — training loss and validation metrics per epoch (from ``metrics.jsonl``);
+* ``embedding_map.png`` — a 2-D map of the embeddings coloured by class, for classes seen in
+  training and for unseen ones (PCA; UMAP when ``umap-learn`` is installed and asked for);
+* ``neighbours.png`` — a grid of query images with their nearest neighbours among the unseen
+  classes, each neighbour framed green (same class) or red (different);
+* extra figures passed by the caller (e.g. verification's ROC curve);
+* ``report.html`` — all of the above, the before/after table and the config, with the images
+  embedded (base64), so the single file can be mailed or archived.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
+    """The records of a ``metrics.jsonl`` file (one JSON object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: Sequence[dict[str, float]], path: Path) -> Path:
+    """Training loss and every ``val_*`` metric against the epoch."""
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
+    epochs = [r["epoch"] for r in records]
+    ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    val_keys = sorted({k for r in records for k in r if k.startswith("val_")})
+    for key in val_keys:
+        points = [(r["epoch"], r[key]) for r in records if key in r]
+        ax_val.plot(*zip(*points, strict=True), marker="o", label=key[4:])
+    ax_val.set(xlabel="epoch", ylabel="score", title="Validation (unseen classes)")
+    if val_keys:
+        ax_val.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def project_2d(embeddings: Tensor | np.ndarray, method: str = "pca") -> np.ndarray:
+    """``(N, E)`` -> ``(N, 2)`` by PCA (default) or UMAP (needs ``umap-learn``)."""
+    x = np.asarray(embeddings, dtype=np.float32)
+    if method == "umap":
+        try:
+            import umap
+        except ImportError as error:
+            raise ValueError("UMAP needs the umap-learn package: pip install umap-learn") from error
+        return np.asarray(umap.UMAP(n_components=2, random_state=0).fit_transform(x))
+    if method != "pca":
+        raise ValueError(f"projection must be 'pca' or 'umap', got {method!r}")
+    from sklearn.decomposition import PCA
+
+    return np.asarray(PCA(n_components=2, random_state=0).fit_transform(x))
+
+
+def plot_embedding_map(
+    groups: Sequence[tuple[str, Tensor, Tensor]],
+    path: Path,
+    method: str = "pca",
+    max_classes: int = 20,
+) -> Path:
+    """One panel per ``(title, embeddings, labels)`` group, coloured by class (at most
+    ``max_classes`` classes drawn, so the colours stay readable)."""
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4.4), squeeze=False)
+    for ax, (title, emb, labels) in zip(axes[0], groups, strict=True):
+        labels_np = np.asarray(labels)
+        shown = np.unique(labels_np)[:max_classes]
+        keep = np.isin(labels_np, shown)
+        xy = project_2d(np.asarray(emb)[keep], method)
+        ax.scatter(xy[:, 0], xy[:, 1], c=labels_np[keep], cmap="tab20", s=9)
+        ax.set(title=f"{title} ({len(shown)} classes, {method.upper()})", xticks=[], yticks=[])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_neighbours(
+    query_images: Tensor,
+    query_labels: Tensor,
+    gallery_images: Tensor,
+    gallery_labels: Tensor,
+    neighbour_indices: Tensor,
+    path: Path,
+) -> Path:
+    """Each row: a query image, then its nearest gallery images framed green (same class) or red.
+
+    Args:
+        query_images: ``(Q, C, H, W)``; gallery_images: ``(G, C, H, W)``.
+        neighbour_indices: ``(Q, n)`` gallery indices, nearest first.
+    """
+    n_rows, n_cols = neighbour_indices.shape[0], neighbour_indices.shape[1] + 1
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.3 * n_cols, 1.3 * n_rows), squeeze=False)
+
+    def show(ax: Any, image: Tensor, colour: str | None) -> None:
+        img = image.detach().float().cpu().numpy()
+        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(colour is not None)
+            if colour is not None:
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3)
+
+    for row in range(n_rows):
+        show(axes[row, 0], query_images[row], None)
+        axes[row, 0].set_title("query" if row == 0 else "", fontsize=8)
+        for col, index in enumerate(neighbour_indices[row].tolist(), start=1):
+            right = bool(gallery_labels[index] == query_labels[row])
+            show(axes[row, col], gallery_images[index], "green" if right else "red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def nearest_neighbours(query: Tensor, gallery: Tensor, n: int, exclude_self: bool) -> Tensor:
+    """``(Q, n)`` indices of the nearest gallery rows (Euclidean); with ``exclude_self`` the query
+    ``i`` is gallery row ``i`` and is skipped."""
+    dist = torch.cdist(query.float(), gallery.float())
+    if exclude_self:
+        dist.fill_diagonal_(float("inf"))
+    return dist.topk(min(n, gallery.shape[0] - int(exclude_self)), largest=False).indices
+
+
+def _image_tag(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def write_html(
+    run_dir: Path,
+    title: str,
+    table: Sequence[dict[str, Any]],
+    figures: Sequence[Path],
+    config: dict[str, Any],
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write ``run_dir/report.html``: the table, the notes, the figures (embedded) and the
+    config. Returns its path."""
+    columns = list(table[0]) if table else []
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    rows = []
+    for record in table:
+        cells = []
+        for c in columns:
+            v = record.get(c, "")
+            cells.append(
+                f"<td>{v:.4f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+            )
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    body = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>" if table else "",
+        "".join(f"<p>{html.escape(n)}</p>" for n in notes),
+        "".join(f"<figure>{_image_tag(f)}</figure>" for f in figures if f.is_file()),
+        "<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=2, default=str)) + "</pre>",
+    ]
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:4px 10px;text-align:right}"
+        "img{max-width:100%}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path

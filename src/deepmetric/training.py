@@ -1,0 +1,415 @@
+"""The trainer: P×K batches -> embedder -> (miner) -> loss, with validation, checkpoints that
+resume a run exactly, and a metrics log.
+
+    trainer = Trainer(model, loss, train_set, config=TrainConfig(epochs=10), val_set=val_set,
+                      miner=miners.MultiSimilarityMiner(), run_dir="runs/omniglot")
+    history = trainer.fit()
+
+What it does each epoch: draws class-balanced batches from :class:`deepmetric.samplers.PKSampler`,
+optionally augments them, embeds, mines, computes the loss (whose parameters — proxies, ArcFace
+weights — are optimised too, at ``loss_lr``), clips gradients, steps the optimizer and the
+learning-rate schedule, and shows a progress bar with the running loss. Every ``eval_every``
+epochs it embeds the validation split (classes never seen in training) and scores retrieval; the
+best checkpoint is chosen on validation, never on test. Early stopping after ``patience``
+evaluations without improvement.
+
+Nothing is lost on a crash: ``last.pt`` is written (temp file + rename) at the end of every epoch
+and every ``checkpoint_every`` steps, and holds the model, the loss, the optimizer, the scheduler,
+the sampler's position and the random-number generators' states, so a resumed run ends with the
+same weights as one that was never interrupted. Checkpoints load with
+``torch.load(..., weights_only=True)``; metrics are appended to ``metrics.jsonl`` per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import ArrayDataset
+from .evaluation import AccuracyCalculator
+from .samplers import PKSampler
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (also the keys of a run's YAML config).
+
+    Attributes:
+        epochs: passes over the training data (one pass = ``len(PKSampler)`` batches).
+        p, k: classes per batch and samples per class (batch size ``p * k``).
+        lr: learning rate of the model (Adam).
+        loss_lr: learning rate of the loss's own parameters (proxies, class weights).
+        weight_decay: AdamW weight decay of the model.
+        scheduler: ``"cosine"`` (cosine decay to 0 over the run, after ``warmup_epochs`` of
+            linear warm-up), ``"step"`` (x0.1 at 2/3 of the run) or ``"none"``.
+        warmup_epochs: linear warm-up length.
+        grad_clip: clip the gradient norm of all parameters to this (None: no clipping).
+        eval_every: evaluate on the validation split every this many epochs.
+        metric: the validation metric that chooses the best checkpoint (larger is better).
+        patience: stop after this many evaluations without improvement (None: never).
+        checkpoint_every: also write ``last.pt`` every this many steps (None: per epoch only).
+        seed: seeds the model's random numbers, the sampler and the augmentations.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``.
+        amp: ``torch.autocast`` (bfloat16 where supported, else float16) on CUDA; ignored on CPU.
+        embed_batch_size: batch size for embedding the validation data.
+        progress: show tqdm progress bars.
+    """
+
+    epochs: int = 10
+    p: int = 32
+    k: int = 4
+    lr: float = 1e-3
+    loss_lr: float = 1e-2
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    grad_clip: float | None = None
+    eval_every: int = 1
+    metric: str = "mean_average_precision_at_r"
+    patience: int | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    embed_batch_size: int = 512
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "p", "k", "eval_every", "embed_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.loss_lr <= 0:
+            raise ValueError("lr and loss_lr must be > 0")
+        if self.scheduler not in ("cosine", "step", "none"):
+            raise ValueError(f"scheduler must be cosine, step or none, got {self.scheduler!r}")
+        if self.warmup_epochs != 0 and not 0 < self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+RETRIEVAL_METRICS = (
+    "precision_at_1",
+    "recall_at_2",
+    "recall_at_4",
+    "recall_at_8",
+    "r_precision",
+    "mean_average_precision_at_r",
+)
+
+
+def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
+    """Leave-one-out retrieval of ``(N, E)`` embeddings among themselves: Recall@1
+    (= ``precision_at_1``), Recall@2/4/8, R-precision and MAP@R."""
+    calculator = AccuracyCalculator(include=RETRIEVAL_METRICS, k="max_bin_count")
+    scores = calculator.get_accuracy(embeddings, labels)
+    return {name: float(scores[name]) for name in RETRIEVAL_METRICS}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module,
+    x: Tensor,
+    batch_size: int = 512,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Embed ``x`` (``(N, ...)``) in evaluation mode, in batches -> ``(N, E)`` float32 on CPU."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    starts = range(0, len(x), batch_size)
+    for start in tqdm(starts, desc="embedding", disable=not progress, leave=False):
+        out.append(model(x[start : start + batch_size].to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a crash mid-save leaves
+    the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain data, never code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a deepmetric checkpoint of version {CHECKPOINT_VERSION}")
+    return state
+
+
+def _lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    total = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.scheduler == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if config.scheduler == "step":
+            return 0.1 if step >= 2 * total // 3 else 1.0
+        return 1.0
+
+    return factor
+
+
+class Trainer:
+    """Train an embedder with any loss (and optional miner) on P×K batches.
+
+    Args:
+        model: maps a batch of inputs ``(B, ...)`` to embeddings ``(B, E)``.
+        loss: a deepmetric (or PML-style) loss ``loss(embeddings, labels, indices_tuple)``.
+        train_set: an :class:`~deepmetric.data.ArrayDataset` (``x``, ``labels``).
+        config: a :class:`TrainConfig`.
+        val_set: validation data of classes unseen in training (for the best checkpoint).
+        miner: optional ``miner(embeddings, labels) -> indices_tuple``.
+        augment: optional ``augment(x, generator) -> x`` applied to each training batch; it
+            must draw its random numbers from ``generator`` for exact resume.
+        run_dir: folder for ``last.pt``, ``best.pt`` and ``metrics.jsonl`` (None: nothing
+            written).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        train_set: ArrayDataset,
+        config: TrainConfig | None = None,
+        *,
+        val_set: ArrayDataset | None = None,
+        miner: nn.Module | None = None,
+        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        run_dir: str | Path | None = None,
+    ) -> None:
+        self.config = config or TrainConfig()
+        self.device = resolve_device(self.config.device)
+        torch.manual_seed(self.config.seed)
+        self.model = model.to(self.device)
+        self.loss = loss.to(self.device)
+        self.miner = miner
+        self.augment = augment
+        self.train_set = train_set
+        self.val_set = val_set
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.sampler = PKSampler(
+            train_set.labels, p=self.config.p, k=self.config.k, seed=self.config.seed
+        )
+        self.loader = DataLoader(train_set, batch_sampler=self.sampler)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_factor(self.config, len(self.sampler))
+        )
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.epoch = 0  # completed epochs
+        self.step = 0  # completed optimisation steps
+        self.best_score = -math.inf
+        self.evals_without_improvement = 0
+        self.history: list[dict[str, float]] = []
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in self.model.parameters() if p.requires_grad]}
+        ]
+        loss_params = [p for p in self.loss.parameters() if p.requires_grad]
+        if loss_params:
+            groups.append({"params": loss_params, "lr": self.config.loss_lr, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run exactly."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_python": list(random.getstate()[1]),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_score": self.best_score,
+            "evals_without_improvement": self.evals_without_improvement,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng_torch"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        random.setstate((3, tuple(state["rng_python"]), None))
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.best_score = float(state["best_score"])
+        self.evals_without_improvement = int(state["evals_without_improvement"])
+        self.history = list(state["history"])
+
+    def save(self, name: str) -> Path | None:
+        if self.run_dir is None:
+            return None
+        path = self.run_dir / name
+        atomic_save(self.state_dict(), path)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from ``path`` (default: ``run_dir/last.pt`` if it exists). True if resumed."""
+        if path is None:
+            if self.run_dir is None or not (self.run_dir / "last.pt").is_file():
+                return False
+            path = self.run_dir / "last.pt"
+        self.load_state_dict(load_checkpoint(path))
+        return True
+
+    # -- training ---------------------------------------------------------------------------------
+    def _autocast(self) -> torch.autocast:
+        enabled = self.config.amp and self.device.type == "cuda"
+        dtype = torch.bfloat16
+        if enabled and not torch.cuda.is_bf16_supported():
+            dtype = torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+    def train_step(self, x: Tensor, labels: Tensor) -> float:
+        """One optimisation step on a batch; returns the loss."""
+        x, labels = x.to(self.device), labels.to(self.device)
+        if self.augment is not None:
+            x = self.augment(x, self.generator)
+        with self._autocast():
+            embeddings = self.model(x)
+            indices = self.miner(embeddings, labels) if self.miner is not None else None
+            loss = self.loss(embeddings, labels, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def evaluate(self, dataset: ArrayDataset) -> dict[str, float]:
+        """Retrieval metrics of ``dataset`` against itself (self-matches excluded)."""
+        emb = embed(self.model, dataset.x, self.config.embed_batch_size, self.device)
+        return retrieval_metrics(emb, dataset.labels)
+
+    def fit(self, max_steps: int | None = None) -> list[dict[str, float]]:
+        """Train until ``config.epochs`` (or early stopping, or ``max_steps`` total steps, after
+        which ``last.pt`` is written so that a later ``fit`` continues exactly). Resumes from
+        ``run_dir/last.pt`` when it exists. Returns the per-epoch history."""
+        self.resume()
+        self.model.train()
+        while self.epoch < self.config.epochs:
+            if self.config.patience is not None and (
+                self.evals_without_improvement >= self.config.patience
+            ):
+                break
+            self.sampler.set_epoch(self.epoch)
+            start = time.perf_counter()
+            losses: list[float] = []
+            bar = tqdm(
+                self.loader,
+                total=len(self.sampler) - self.sampler.state_dict()["position"],
+                desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                disable=not self.config.progress,
+                leave=False,
+            )
+            for x, labels in bar:
+                losses.append(self.train_step(x, labels))
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+                if max_steps is not None and self.step >= max_steps:
+                    self.save("last.pt")
+                    return self.history
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                    self.save("last.pt")
+            self.epoch += 1
+            record: dict[str, float] = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "train_loss": sum(losses) / max(1, len(losses)),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - start,
+            }
+            if self.val_set is not None and (
+                self.epoch % self.config.eval_every == 0 or self.epoch == self.config.epochs
+            ):
+                scores = self.evaluate(self.val_set)
+                record.update({f"val_{k}": v for k, v in scores.items()})
+                score = scores[self.config.metric]
+                if score > self.best_score:
+                    self.best_score, self.evals_without_improvement = score, 0
+                    self.save("best.pt")
+                else:
+                    self.evals_without_improvement += 1
+            self.history.append(record)
+            self._log(record)
+            self.save("last.pt")
+        if self.val_set is None and self.run_dir is not None:
+            self.save("best.pt")
+        return self.history
+
+    def _log(self, record: dict[str, float]) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
