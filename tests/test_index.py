@@ -621,3 +621,18 @@ def test_compact_after_removing_everything_then_refill(kind: str) -> None:
         with pytest.raises(ValueError, match="cannot re-train 4 IVF cells on 3 items"):
             index.compact()
         assert len(index) == 3 and index.search(vectors[5:6], 1).ids.tolist() == [[35]]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_search_parameters_survive_faiss_torch_utils(kind: str) -> None:
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search
+    by a version without ``params``; searching must still work after that import."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    data = clustered(200, 8, 4, seed=11)
+    index = EmbeddingIndex.ivf(8, nlist=4, nprobe=4) if kind == "ivf" else EmbeddingIndex.hnsw(8)
+    index.add(data, np.arange(200) % 4)
+    index.remove([0, 1])
+    result = index.search(data[:5], 3)
+    assert result.ids.shape == (5, 3)
+    assert not np.isin(result.ids.numpy(), [0, 1]).any()

@@ -205,6 +205,14 @@ def _few(values: np.ndarray) -> str:
 # -- the index -----------------------------------------------------------------------------------
 
 
+def _faiss_search(index: Any, vectors: np.ndarray, k: int, params: Any) -> tuple[Any, Any]:
+    """``index.search`` with search parameters, also when ``faiss.contrib.torch_utils`` (which
+    pytorch-metric-learning imports) has replaced ``search`` by a version without ``params``:
+    the original numpy method is then kept as ``search_numpy``."""
+    search = getattr(index, "search_numpy", index.search)
+    return search(vectors, k, params=params)
+
+
 class EmbeddingIndex:
     """Nearest-neighbour search over ``(N, D)`` embeddings, each stored with an id and a label.
 
@@ -560,12 +568,12 @@ class EmbeddingIndex:
             distances, found = self._index.search(vectors, k)
         elif self.kind == "ivf":
             params = faiss.SearchParametersIVF(nprobe=self.nprobe)
-            distances, found = self._index.search(vectors, k, params=params)
+            distances, found = _faiss_search(self._index, vectors, k, params)
         else:
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
             if self.n_tombstones:
                 params.sel = self._selector()
-            distances, slots = self._index.search(vectors, k, params=params)
+            distances, slots = _faiss_search(self._index, vectors, k, params)
             found = np.where(slots >= 0, self._slot_ids[np.maximum(slots, 0)], -1)
         missing = found < 0
         distances[missing] = math.inf if self.metric == "l2" else -math.inf
