@@ -145,3 +145,26 @@ def test_euclidean_matches_cdist_and_has_finite_gradient(
     torch.testing.assert_close(mat.detach(), expected, rtol=1e-6, atol=1e-6 * scale)
     mat.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_hand_written_euclidean_backward_passes_gradcheck(normalize: bool) -> None:
+    torch.manual_seed(2)
+    q = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    dist = distances.LpDistance(normalize_embeddings=normalize)
+    assert torch.autograd.gradcheck(lambda a, b: dist(a, b), (q, r))
+
+
+def test_self_distance_gradient_matches_direct_differences() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(7, 7, dtype=torch.float64)
+    (distances.LpDistance(normalize_embeddings=False)(x) * weights).sum().backward()
+    assert x.grad is not None
+    ours = x.grad.clone()
+    x.grad = None
+    eye = torch.eye(7, dtype=torch.float64)
+    direct = torch.sqrt(((x[:, None] - x[None]) ** 2).sum(-1) + eye) * (1 - eye)
+    (direct * weights).sum().backward()
+    torch.testing.assert_close(ours, x.grad, rtol=1e-12, atol=1e-12)

@@ -93,6 +93,19 @@ def reduces_by_selection(reducer: BaseReducer) -> bool:
     return isinstance(reducer, SelectingReducer) and type(reducer).reduce is SelectingReducer.reduce
 
 
+def reduce_masked(reducer: SelectingReducer, losses: Tensor, mask: Tensor) -> Tensor:
+    """Reduce the entries of a loss *matrix* where ``mask`` is True, without gathering them:
+    the same value and gradient as ``reducer.reduce(losses[mask])``, but elementwise work only
+    (no index lists, no scatter in the backward pass). Zero (with a zero gradient) when nothing
+    is selected."""
+    keep = mask & reducer.select(losses)
+    n_selected = keep.sum()
+    if int(n_selected) == 0:
+        return (losses * 0).sum()
+    divisor = reducer.divisor(n_selected, mask.sum()).to(losses.dtype)
+    return torch.where(keep, losses, 0).sum() / divisor
+
+
 class MeanReducer(SelectingReducer):
     """The mean of all losses (PML's default for most losses)."""
 

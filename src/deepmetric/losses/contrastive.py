@@ -8,7 +8,14 @@ from typing_extensions import Unpack
 
 from .._pairs import pairs_from_masks, to_pairs
 from ..distances import BaseDistance
-from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict
+from ..reducers import (
+    AvgNonZeroReducer,
+    BaseReducer,
+    LossDict,
+    SelectingReducer,
+    reduce_masked,
+    reduces_by_selection,
+)
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -51,6 +58,8 @@ class ContrastiveLoss(BaseMetricLossFunction):
 
     def compute_loss(self, batch: Batch) -> LossDict:
         mat = self.distance(batch.embeddings, batch.ref_emb)
+        if batch.indices_tuple is None and reduces_by_selection(self.reducer):
+            return self._masked_loss(mat, *batch.masks())
         if batch.indices_tuple is None:
             a1, p, a2, n = pairs_from_masks(*batch.masks())
         else:
@@ -63,4 +72,23 @@ class ContrastiveLoss(BaseMetricLossFunction):
         return {
             "pos_loss": {"losses": pos, "indices": (a1, p), "reduction_type": "pos_pair"},
             "neg_loss": {"losses": neg, "indices": (a2, n), "reduction_type": "neg_pair"},
+        }
+
+    def _masked_loss(self, mat: Tensor, pos_mask: Tensor, neg_mask: Tensor) -> LossDict:
+        """All pairs of the labels, reduced straight from the ``(B, R)`` matrix (no index
+        lists): the fast path for the selecting reducers."""
+        reducer = self.reducer
+        assert isinstance(reducer, SelectingReducer)
+        if int(pos_mask.sum()) <= 1 and int(neg_mask.sum()) <= 1:  # PML's rule, as above
+            return self.zero_losses("pos_loss", "neg_loss")
+        pos, neg = contrastive_pair_losses(
+            mat, mat, self.pos_margin, self.neg_margin, self.distance
+        )
+        return {
+            name: {
+                "losses": reduce_masked(reducer, losses, mask),
+                "indices": None,
+                "reduction_type": "already_reduced",
+            }
+            for name, losses, mask in (("pos_loss", pos, pos_mask), ("neg_loss", neg, neg_mask))
         }
