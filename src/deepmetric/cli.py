@@ -2,9 +2,15 @@
 
 deepmetric demo                      # Omniglot: before/after table, run folder, report
 deepmetric demo --dataset digits     # a seconds-long smoke run
+deepmetric oneshot --seed 0          # Omniglot 20-way one-shot benchmark, accuracy per run
 deepmetric train --config run.yaml   # every option also a flag: --epochs 5 --loss ArcFaceLoss
+deepmetric train --hdml              # with hardness-aware synthetic negatives (HDML)
 deepmetric evaluate --run runs/x     # retrieval metrics of a trained run on its test classes
 deepmetric embed --run runs/x --dataset folder:imgs --out emb.npy
+deepmetric index build --run runs/x --dataset folder:gallery --out gallery.index
+deepmetric search --index gallery.index --run runs/x --dataset folder:queries -k 5
+deepmetric enroll --index gallery.index --run runs/x --dataset folder:new_people
+deepmetric verify --run runs/x --dataset folder:val --plot roc.png
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import yaml
 from torch import Tensor, nn
 
 from . import report
+from .cli_index import add_index_commands
 from .data import ArrayDataset, load_omniglot_runs, split_by_class
 from .runs import (
     RunConfig,
+    build_hdml,
     build_loss,
     build_miner,
     build_model,
@@ -82,6 +90,9 @@ def run_experiment(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         embedding_size=config.model.embedding_size,
     )
     miner = build_miner(config.miner)
+    hdml = None
+    if config.hdml:
+        hdml = build_hdml(model, loss, len(train_set.class_names), config.hdml_options)
     trainer = Trainer(
         model,
         loss,
@@ -90,6 +101,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         val_set=val_set,
         miner=miner,
         run_dir=out,
+        hdml=hdml,
     )
     device = trainer.device
 
@@ -202,7 +214,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 # -- commands -------------------------------------------------------------------------------------
-DEMO_EPOCHS = {"omniglot": 6, "digits": 3}
+DEMO_EPOCHS = {"omniglot": 10, "digits": 3}
 
 
 def demo_config(dataset: str, epochs: int | None, seed: int, out: str | None) -> RunConfig:
@@ -289,6 +301,15 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--embedding-size", type=int, default=None)
     run.add_argument("--loss", default=None, help="loss class name, e.g. ArcFaceLoss")
     run.add_argument("--miner", default=None, help="miner class name, or 'none'")
+    run.add_argument(
+        "--hdml",
+        type=_parse_bool,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="BOOL",
+        help="hardness-aware synthetic negatives (HDML); options: --set hdml_options.alpha=1",
+    )
     run.add_argument("--out", default=None)
     run.add_argument(
         "--set",
@@ -323,7 +344,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, f.name)
         if value is not None:
             train[f.name] = value
-    for key in ("dataset", "image_size", "test_classes", "val_classes", "rotations", "out"):
+    for key in ("dataset", "image_size", "test_classes", "val_classes", "rotations", "hdml", "out"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
@@ -434,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--dataset", default=None)
     emb.add_argument("--out", required=True)
     emb.set_defaults(func=cmd_embed)
+
+    add_index_commands(sub)
     return parser
 
 

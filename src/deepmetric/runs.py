@@ -12,6 +12,8 @@ A config file names every part; any key left out takes its default::
     loss: {name: TripletMarginLoss, margin: 0.1}
     miner: {name: MultiSimilarityMiner, epsilon: 0.1}
     train: {epochs: 10, p: 32, k: 4, lr: 0.001}
+    hdml: false                # hardness-aware synthetic negatives (Zheng et al., 2019)
+    hdml_options: {}           # keyword arguments of deepmetric.hdml.HDML, e.g. {alpha: 1.0}
     out: runs/omniglot
 
 Unknown keys are errors that name the key.
@@ -32,6 +34,7 @@ from . import data as data_module
 from . import losses as losses_module
 from . import miners as miners_module
 from .data import ArrayDataset
+from .hdml import HDML
 from .models import EmbeddingNet, SmallConvNet
 from .training import TrainConfig
 
@@ -66,6 +69,8 @@ class RunConfig:
         default_factory=lambda: {"name": "MultiSimilarityMiner", "epsilon": 0.1}
     )
     train: TrainConfig = field(default_factory=TrainConfig)
+    hdml: bool = False
+    hdml_options: dict[str, Any] = field(default_factory=dict)
     out: str = "runs/train"
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +100,12 @@ class RunConfig:
             spec = kwargs.get(key)
             if spec is not None and (not isinstance(spec, dict) or "name" not in spec):
                 raise ValueError(f"config key '{key}' must be a mapping with a 'name'")
+        if not isinstance(kwargs.get("hdml", False), bool):
+            raise ValueError("config key 'hdml' must be true or false")
+        if kwargs.get("hdml_options") is None:
+            kwargs["hdml_options"] = {}
+        if not isinstance(kwargs["hdml_options"], dict):
+            raise ValueError("config key 'hdml_options' must be a mapping")
         config = cls(**kwargs)
         for key, kind in (("image_size", int), ("test_classes", float), ("val_classes", float)):
             if not isinstance(getattr(config, key), (int, float)) or isinstance(
@@ -215,3 +226,26 @@ def build_miner(spec: dict[str, Any] | None) -> nn.Module | None:
         return None
     miner: nn.Module = _construct(miners_module, spec, "miner", {})
     return miner
+
+
+def build_hdml(
+    model: EmbeddingNet, loss: nn.Module, num_classes: int, options: dict[str, Any]
+) -> HDML:
+    """:class:`~deepmetric.hdml.HDML` around ``loss`` for ``model`` (its trunk width, embedding
+    width and head), with the keyword arguments ``options`` (``ValueError`` naming a bad one)."""
+    accepted = inspect.signature(HDML).parameters
+    fixed = ("head", "metric_loss", "feature_size", "embedding_size", "num_classes")
+    unknown = sorted(k for k in options if k not in accepted or k in fixed)
+    if unknown:
+        raise ValueError(f"unknown key(s) in 'hdml_options': {', '.join(unknown)}")
+    try:
+        return HDML(
+            model.embed_features,
+            loss,
+            feature_size=model.trunk_features,
+            embedding_size=model.embedding_size,
+            num_classes=num_classes,
+            **options,
+        )
+    except TypeError as error:
+        raise ValueError(f"bad 'hdml_options': {error}") from error

@@ -17,7 +17,14 @@ Nothing is lost on a crash: ``last.pt`` is written (temp file + rename) at the e
 and every ``checkpoint_every`` steps, and holds the model, the loss, the optimizer, the scheduler,
 the sampler's position and the random-number generators' states, so a resumed run ends with the
 same weights as one that was never interrupted. Checkpoints load with
-``torch.load(..., weights_only=True)``; metrics are appended to ``metrics.jsonl`` per epoch.
+``torch.load(..., weights_only=True)``; metrics are appended to ``metrics.jsonl`` per epoch, and
+also written as TensorBoard scalars to ``run_dir/tensorboard`` when the optional ``tensorboard``
+package is installed.
+
+With ``hdml=HDML(...)`` (:class:`deepmetric.hdml.HDML`, Zheng et al., CVPR 2019) each step also
+synthesises hardness-aware negatives: the model must expose ``features(x)`` and
+``embed_features(f)`` (as :class:`deepmetric.models.EmbeddingNet` does), and HDML's generator
+and classifier are trained alongside, each with its own loss.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from tqdm.auto import tqdm
 
 from .data import ArrayDataset
 from .evaluation import AccuracyCalculator
+from .hdml import HDML
 from .samplers import PKSampler
 
 CHECKPOINT_VERSION = 1
@@ -68,6 +76,8 @@ class TrainConfig:
         amp: ``torch.autocast`` (bfloat16 where supported, else float16) on CUDA; ignored on CPU.
         embed_batch_size: batch size for embedding the validation data.
         progress: show tqdm progress bars.
+        tensorboard: also write the per-epoch metrics to ``run_dir/tensorboard`` when the
+            ``tensorboard`` package is installed (silently skipped when it is not).
     """
 
     epochs: int = 10
@@ -88,6 +98,7 @@ class TrainConfig:
     amp: bool = True
     embed_batch_size: int = 512
     progress: bool = True
+    tensorboard: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "p", "k", "eval_every", "embed_batch_size"):
@@ -186,6 +197,38 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def open_summary_writer(log_dir: Path, purge_step: int | None = None) -> Any | None:
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``, or None when TensorBoard is
+    not installed (``torch.utils.tensorboard`` needs the optional ``tensorboard`` package).
+
+    ``purge_step``: events at this step or later, left by a run that crashed after logging
+    them, are discarded (TensorBoard's own mechanism for resumed runs)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _hdml_model_parts(
+    model: nn.Module, loss: nn.Module, hdml: HDML
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """``(model.features, model.embed_features)`` after checking that HDML fits the model and
+    the loss; ``ValueError`` otherwise."""
+    if not isinstance(hdml, HDML):
+        raise ValueError(f"hdml must be a deepmetric.hdml.HDML, got {type(hdml).__name__}")
+    features = getattr(model, "features", None)
+    embed_features = getattr(model, "embed_features", None)
+    if not callable(features) or not callable(embed_features):
+        raise ValueError(
+            "HDML needs a model with features(x) -> trunk features and embed_features(f) -> "
+            f"embeddings (like deepmetric.models.EmbeddingNet); {type(model).__name__} has not"
+        )
+    if hdml.metric_loss is not loss:
+        raise ValueError("hdml.metric_loss must be the trainer's loss (build HDML on the loss)")
+    return features, embed_features
+
+
 def _lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     total = config.epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch
@@ -215,8 +258,19 @@ class Trainer:
         miner: optional ``miner(embeddings, labels) -> indices_tuple``.
         augment: optional ``augment(x, generator) -> x`` applied to each training batch; it
             must draw its random numbers from ``generator`` for exact resume.
-        run_dir: folder for ``last.pt``, ``best.pt`` and ``metrics.jsonl`` (None: nothing
-            written).
+        run_dir: folder for ``last.pt``, ``best.pt``, ``metrics.jsonl`` and ``tensorboard/``
+            (None: nothing written).
+        hdml: optional :class:`~deepmetric.hdml.HDML` built on this ``loss`` (its
+            ``metric_loss``) and on ``model.embed_features`` (its ``head``). Each step then
+            runs ``features = model.features(x)``, ``embeddings = model.embed_features(features)``,
+            the miner on the embeddings, and ``hdml.step_losses(...)``; one ``backward`` of the
+            three HDML losses trains the model and the loss (``J_metric``), HDML's generator
+            (``J_gen``) and its classifier (cross-entropy), each in its own optimizer group at
+            the learning rates of :meth:`HDML.parameter_groups` (generator 1e-2, classifier
+            1e-3, both scaled by the same schedule; ``grad_clip`` applies to the model and loss
+            only). HDML's weights, running means and optimizer state are in the checkpoint.
+            The epoch's ``train_loss`` is the metric loss on the real batch (``J_m``), so it
+            compares with a run without HDML; the record also holds the HDML losses' means.
     """
 
     def __init__(
@@ -230,12 +284,18 @@ class Trainer:
         miner: nn.Module | None = None,
         augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         run_dir: str | Path | None = None,
+        hdml: HDML | None = None,
     ) -> None:
         self.config = config or TrainConfig()
         self.device = resolve_device(self.config.device)
+        # with HDML: (hdml, model.features, model.embed_features)
+        self._hdml_parts: tuple[HDML, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None
+        self._hdml_parts = None if hdml is None else (hdml, *_hdml_model_parts(model, loss, hdml))
         torch.manual_seed(self.config.seed)
         self.model = model.to(self.device)
         self.loss = loss.to(self.device)
+        self.hdml = hdml.to(self.device) if hdml is not None else None
+        self.writer: Any | None = None  # TensorBoard, opened on the first log
         self.miner = miner
         self.augment = augment
         self.train_set = train_set
@@ -255,15 +315,43 @@ class Trainer:
         self.best_score = -math.inf
         self.evals_without_improvement = 0
         self.history: list[dict[str, float]] = []
+        self.last_hdml_losses: dict[str, float] = {}
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        groups: list[dict[str, Any]] = [
-            {"params": [p for p in self.model.parameters() if p.requires_grad]}
-        ]
-        loss_params = [p for p in self.loss.parameters() if p.requires_grad]
+        """AdamW over the model (``lr``, ``weight_decay``), the loss's own parameters
+        (``loss_lr``, no decay) and, with HDML, its generator and classifier (HDML's rates)."""
+        model_params = [p for p in self.model.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": model_params, "name": "model"}]
+        loss_modules = [self.loss]
+        if self.hdml is not None:
+            loss_modules.append(self.hdml.synthetic_loss)  # usually the loss itself
+        seen: set[int] = set()
+        loss_params = []
+        for module in loss_modules:
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    loss_params.append(p)
         if loss_params:
-            groups.append({"params": loss_params, "lr": self.config.loss_lr, "weight_decay": 0.0})
+            groups.append(
+                {
+                    "params": loss_params,
+                    "lr": self.config.loss_lr,
+                    "weight_decay": 0.0,
+                    "name": "loss",
+                }
+            )
+        if self.hdml is not None:
+            # HDML's own groups: [metric (the model and loss, set up above), generator, classifier]
+            hdml_groups = self.hdml.parameter_groups(self.model, metric_lr=self.config.lr)
+            groups += [{**g, "weight_decay": 0.0} for g in hdml_groups[1:]]
         return torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def _clipped_parameters(self) -> list[nn.Parameter]:
+        """The model's and the loss's parameters (not HDML's generator and classifier, whose
+        losses are on another scale)."""
+        groups = [g for g in self.optimizer.param_groups if g.get("name") in ("model", "loss")]
+        return [p for g in groups for p in g["params"]]
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -285,11 +373,19 @@ class Trainer:
             "best_score": self.best_score,
             "evals_without_improvement": self.evals_without_improvement,
             "history": self.history,
+            "hdml": self.hdml.state_dict() if self.hdml is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        hdml_state = state.get("hdml")
+        if (hdml_state is None) != (self.hdml is None):
+            saved = "with" if hdml_state is not None else "without"
+            now = "with" if self.hdml is not None else "without"
+            raise ValueError(f"the checkpoint was trained {saved} HDML but this trainer is {now}")
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
+        if self.hdml is not None and hdml_state is not None:
+            self.hdml.load_state_dict(hdml_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -329,23 +425,40 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
     def train_step(self, x: Tensor, labels: Tensor) -> float:
-        """One optimisation step on a batch; returns the loss."""
+        """One optimisation step on a batch; returns the loss (with HDML: ``J_m``, the metric
+        loss on the real batch; the step's HDML losses are left in ``last_hdml_losses``)."""
         x, labels = x.to(self.device), labels.to(self.device)
         if self.augment is not None:
             x = self.augment(x, self.generator)
         with self._autocast():
-            embeddings = self.model(x)
-            indices = self.miner(embeddings, labels) if self.miner is not None else None
-            loss = self.loss(embeddings, labels, indices)
+            if self._hdml_parts is None:
+                embeddings = self.model(x)
+                indices = self.miner(embeddings, labels) if self.miner is not None else None
+                loss = self.loss(embeddings, labels, indices)
+                reported = loss.detach()
+            else:
+                hdml, trunk_features, embed_features = self._hdml_parts
+                features = trunk_features(x)
+                embeddings = embed_features(features)
+                indices = self.miner(embeddings, labels) if self.miner is not None else None
+                parts = hdml.step_losses(features, embeddings, labels, indices)
+                loss = parts.total()  # the gradients of the three parts do not cross
+                reported = parts.j_m
+                self.last_hdml_losses = {
+                    "hdml_metric_loss": float(parts.metric_loss.detach()),
+                    "hdml_synthetic_loss": float(parts.j_syn),
+                    "hdml_generator_loss": float(parts.generator_loss.detach()),
+                    "hdml_classifier_loss": float(parts.classifier_loss.detach()),
+                    "hdml_synthetic_weight": float(parts.synthetic_weight),
+                }
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            nn.utils.clip_grad_norm_(self._clipped_parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return float(loss.detach())
+        return float(reported)
 
     def evaluate(self, dataset: ArrayDataset) -> dict[str, float]:
         """Retrieval metrics of ``dataset`` against itself (self-matches excluded)."""
@@ -357,7 +470,17 @@ class Trainer:
         which ``last.pt`` is written so that a later ``fit`` continues exactly). Resumes from
         ``run_dir/last.pt`` when it exists. Returns the per-epoch history."""
         self.resume()
+        try:
+            return self._fit(max_steps)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+
+    def _fit(self, max_steps: int | None) -> list[dict[str, float]]:
         self.model.train()
+        if self.hdml is not None:
+            self.hdml.train()
         while self.epoch < self.config.epochs:
             if self.config.patience is not None and (
                 self.evals_without_improvement >= self.config.patience
@@ -366,6 +489,7 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             start = time.perf_counter()
             losses: list[float] = []
+            hdml_sums: dict[str, float] = {}
             bar = tqdm(
                 self.loader,
                 total=len(self.sampler) - self.sampler.state_dict()["position"],
@@ -375,6 +499,8 @@ class Trainer:
             )
             for x, labels in bar:
                 losses.append(self.train_step(x, labels))
+                for key, value in self.last_hdml_losses.items():
+                    hdml_sums[key] = hdml_sums.get(key, 0.0) + value
                 bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
                 if max_steps is not None and self.step >= max_steps:
                     self.save("last.pt")
@@ -389,6 +515,7 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - start,
             }
+            record.update({k: v / max(1, len(losses)) for k, v in hdml_sums.items()})
             if self.val_set is not None and (
                 self.epoch % self.config.eval_every == 0 or self.epoch == self.config.epochs
             ):
@@ -408,8 +535,21 @@ class Trainer:
         return self.history
 
     def _log(self, record: dict[str, float]) -> None:
+        """Append the epoch's record to ``metrics.jsonl`` and, when TensorBoard is installed
+        (and ``config.tensorboard``), write its values as scalars at step ``epoch``."""
         if self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.config.tensorboard and self.writer is None:
+            # a resumed run discards what a crashed one logged for this epoch and later
+            self.writer = open_summary_writer(
+                self.run_dir / "tensorboard", purge_step=int(record["epoch"])
+            )
+        if self.writer is not None:
+            epoch = int(record["epoch"])
+            for key, value in record.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, global_step=epoch)
+            self.writer.flush()
