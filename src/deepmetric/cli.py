@@ -164,8 +164,10 @@ def write_report(
     """Curves, embedding maps, neighbour grid and the HTML page of a finished run."""
     device = next(model.parameters()).device
     figures = [report.plot_curves(report.read_metrics(out / "metrics.jsonl"), out / "curves.png")]
-    seen_idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:1500]
-    seen = train_set.subset(seen_idx)
+    # all samples of 20 random training classes (the map shows at most 20 colours)
+    classes = torch.unique(train_set.labels)
+    shown = classes[torch.randperm(len(classes), generator=torch.Generator().manual_seed(0))[:20]]
+    seen = train_set.subset(torch.where(torch.isin(train_set.labels, shown))[0])
     seen_emb = embed(model, seen.x, device=device)
     test_emb = embed(model, test_set.x, device=device)
     figures.append(
