@@ -76,6 +76,10 @@ class TrainConfig:
         amp: ``torch.autocast`` (bfloat16 where supported, else float16) on CUDA; ignored on CPU.
         embed_batch_size: batch size for embedding the validation data.
         progress: show tqdm progress bars.
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` for the
+            process, so that the same seed gives the same weights (multi-threaded CPU
+            ``index_add`` and several CUDA kernels otherwise sum in a varying order); switch off
+            for the last few percent of speed.
         tensorboard: also write the per-epoch metrics to ``run_dir/tensorboard`` when the
             ``tensorboard`` package is installed (silently skipped when it is not).
     """
@@ -98,6 +102,7 @@ class TrainConfig:
     amp: bool = True
     embed_batch_size: int = 512
     progress: bool = True
+    deterministic: bool = True
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -291,6 +296,8 @@ class Trainer:
         # with HDML: (hdml, model.features, model.embed_features)
         self._hdml_parts: tuple[HDML, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None
         self._hdml_parts = None if hdml is None else (hdml, *_hdml_model_parts(model, loss, hdml))
+        if self.config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(self.config.seed)
         self.model = model.to(self.device)
         self.loss = loss.to(self.device)
