@@ -152,6 +152,13 @@ class BaseMetricLossFunction(nn.Module):
         batch = prepare_batch(
             embeddings, labels, indices_tuple, ref_emb, ref_labels, self.requires_labels
         )
+        return self.loss_from_batch(batch)
+
+    def loss_from_batch(self, batch: Batch) -> Any:
+        """The loss of an already validated :class:`Batch`: :meth:`compute_loss`, the embedding
+        regularizer, then the reducer (for wrappers that adjust the batch, e.g. to exclude
+        self-comparisons)."""
+        embeddings = batch.embeddings
         loss_dict = self.compute_loss(batch)
         if self.embedding_regularizer is not None:
             penalty = self.embedding_regularizer(embeddings) * self.embedding_reg_weight

@@ -92,16 +92,7 @@ def loss_excluding_self(
     batch = prepare_batch(
         embeddings, labels, indices_tuple, ref_emb, ref_labels, loss.requires_labels
     )
-    loss_dict = loss.compute_loss(_excluding_self(batch, self_index))
-    # the rest of BaseMetricLossFunction.forward: regularizer, then reducer
-    if loss.embedding_regularizer is not None:
-        penalty = loss.embedding_regularizer(embeddings) * loss.embedding_reg_weight
-        loss_dict["embedding_reg_loss"] = {
-            "losses": penalty,
-            "indices": None,
-            "reduction_type": "already_reduced",
-        }
-    return loss.reducer(loss_dict, embeddings, batch.labels)
+    return loss.loss_from_batch(_excluding_self(batch, self_index))
 
 
 def mine_excluding_self(
