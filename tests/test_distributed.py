@@ -250,7 +250,7 @@ def _run_equivalence(world: int, out_dir: Path) -> list[dict[str, Any]]:
     errors = {p: (out_dir / f"{r}.err") for r, p in enumerate(procs)}
     for r, p in enumerate(procs):
         assert p.exitcode == 0, errors[p].read_text() if errors[p].exists() else f"rank {r}"
-    return [torch.load(out_dir / f"{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(out_dir / f"{r}.pt", weights_only=True) for r in range(world)]
 
 
 # ---------------------------------------------------------------------------------------------
