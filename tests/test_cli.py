@@ -68,3 +68,30 @@ def test_bad_config_names_the_key(
     config.write_text(content + f"out: {tmp_path / 'x'}\n")
     assert main(["train", "--config", str(config), "--no-progress", "--epochs", "1"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_no_test_classes_and_no_one_shot_runs_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["train", "--dataset", "digits", "--test-classes", "0", "--no-progress"]
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_report_without_unseen_classes(tmp_path: Path) -> None:
+    """The one-shot benchmark holds out no classes: the report shows the seen ones only."""
+    import torch
+
+    from deepmetric.cli import write_report
+    from deepmetric.data import ArrayDataset, load_digits
+    from deepmetric.runs import RunConfig, build_model
+
+    digits = load_digits()
+    model = build_model(RunConfig().model, digits.x[0])
+    empty = ArrayDataset(digits.x[:0], digits.labels[:0], digits.class_names)
+    results = {"table": [{"embedding": "trained network"}], "verdict": "ok", "train_seconds": 1.0}
+    page = write_report(
+        tmp_path, RunConfig(), results, model, digits.subset(torch.arange(300)), empty
+    )
+    assert page.is_file() and (tmp_path / "embedding_map.png").is_file()
+    assert not (tmp_path / "neighbours.png").exists()

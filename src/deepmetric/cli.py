@@ -81,6 +81,10 @@ def run_experiment(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     val_set = dataset.subset(split.val) if len(split.val) else None
     test_set = dataset.subset(split.test)
     runs = load_omniglot_runs(config.image_size) if config.dataset == "omniglot" else []
+    if len(test_set) == 0 and not runs:
+        raise ValueError(
+            "nothing to evaluate on: test_classes is 0 and the dataset has no one-shot runs"
+        )
 
     model = build_model(config.model, dataset.x[0])
     untrained = {k: v.clone() for k, v in model.state_dict().items()}
@@ -169,17 +173,12 @@ def write_report(
     shown = classes[torch.randperm(len(classes), generator=torch.Generator().manual_seed(0))[:20]]
     seen = train_set.subset(torch.where(torch.isin(train_set.labels, shown))[0])
     seen_emb = embed(model, seen.x, device=device)
-    test_emb = embed(model, test_set.x, device=device)
-    figures.append(
-        report.plot_embedding_map(
-            [
-                ("seen classes", seen_emb, seen.labels),
-                ("unseen classes", test_emb, test_set.labels),
-            ],
-            out / "embedding_map.png",
-        )
-    )
-    if test_set.x.ndim == 4:
+    groups = [("seen classes", seen_emb, seen.labels)]
+    test_emb = embed(model, test_set.x, device=device) if len(test_set) else None
+    if test_emb is not None:
+        groups.append(("unseen classes", test_emb, test_set.labels))
+    figures.append(report.plot_embedding_map(groups, out / "embedding_map.png"))
+    if test_emb is not None and test_set.x.ndim == 4:
         pick = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(1))[:8]
         neighbours = report.nearest_neighbours(test_emb, test_emb, 6, exclude_self=True)[pick]
         figures.append(
