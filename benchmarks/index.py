@@ -15,8 +15,9 @@ For each size N (100k and 1M; ``--quick``: 100k only) of 128-dimensional float32
   ``--repeats``), the median milliseconds of a search for one query at a time (the first
   :data:`SINGLE_QUERIES` queries; what a live lookup waits, where a flat index cannot use a
   matrix product over many queries) and recall@10 (the share of the true top 10 returned)
-  for each knob setting: flat; IVF ``nprobe`` in :data:`NPROBES`; HNSW ``efSearch`` in
-  :data:`EF_SEARCHES`;
+  for each knob setting: flat; IVF ``nprobe`` = nlist / :data:`NPROBE_DIVISORS` (the same
+  shares of the cells at every N: 8, 32, 128 of 1024 cells at 100k, 32, 128, 512 of 4096 at
+  1M); HNSW ``efSearch`` in :data:`EF_SEARCHES`;
 * **edits**: milliseconds to add 10k new items to the full index, then to remove 10k random
   stored ones (HNSW: tombstones), recall@10 after both (against a brute force over the edited
   set), and the seconds :meth:`~deepmetric.index.EmbeddingIndex.compact` takes (HNSW: rebuild
@@ -24,19 +25,27 @@ For each size N (100k and 1M; ``--quick``: 100k only) of 128-dimensional float32
 
 Run from the repository root::
 
-    python benchmarks/index.py --quick        # 100k only, 1000 queries
-    python benchmarks/index.py                # 100k and 1M, 10000 queries
-    python benchmarks/index.py --sizes 1000000 --threads 2
+    python benchmarks/index.py --quick        # 100k only, 1000 queries (about 2 minutes)
+    python benchmarks/index.py                # 100k and 1M, 10000 queries (see below)
+    python benchmarks/index.py --sizes 1000000 --queries 200 --repeats 1 --kinds flat \
+        --out /tmp/index-1m.json              # the 1M path in about a minute
 
-Results go to ``benchmarks/results/index.json`` with a description of the machine.
+Results go to ``benchmarks/results/index.json`` with a description of the machine and the
+peak resident memory of the run. The full run needs about 4-5 GB of memory (3.0 GB measured
+for the flat index alone at 1M) and, extrapolated from runs at 250k, about 15 minutes on 2
+idle cores of an AMD EPYC server (about 25 on one), four fifths of it at 1M: the HNSW build
+and its ``compact()`` rebuild (~3 min each on one core), the IVF searches at nprobe = 512 and
+its re-training in ``compact()`` (~3 min each), the flat searches and the brute-force truth.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +65,13 @@ NOISE = 0.1
 POINTS_PER_CLUSTER = 100
 K = 10
 EDIT_SIZE = 10_000
-NPROBES = (8, 32, 128)
+NPROBE_DIVISORS = (128, 32, 8)
 EF_SEARCHES = (32, 64, 128)
 SINGLE_QUERIES = 200
 SEED = 0
+KINDS = ("flat", "ivf", "hnsw")
+#: Ground truth: at most this many query-reference scores (float32) in memory at once.
+GROUND_TRUTH_SCORES = 1 << 28  # 1 GiB
 
 
 # -- data and ground truth -----------------------------------------------------------------------
@@ -97,10 +109,12 @@ def unit_rows(x: np.ndarray) -> torch.Tensor:
 
 
 def brute_force_top_k(
-    stored: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65_536
+    stored: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
 ) -> np.ndarray:
-    """``(Nq, k)`` ids of the largest cosine similarities, by torch matrix products."""
+    """``(Nq, k)`` ids of the largest cosine similarities, by torch matrix products over
+    chunks of the references (at most :data:`GROUND_TRUTH_SCORES` scores at a time)."""
     q = unit_rows(queries)
+    chunk = max(k, GROUND_TRUTH_SCORES // max(1, len(q)))
     best_scores = torch.full((len(q), k), -math.inf)
     best_rows = torch.zeros((len(q), k), dtype=torch.long)
     for start in range(0, len(stored), chunk):
@@ -137,7 +151,7 @@ def build(kind: str, vectors: np.ndarray, labels: np.ndarray) -> tuple[Embedding
         index = EmbeddingIndex.flat(DIM)
     elif kind == "ivf":
         nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
-        index = EmbeddingIndex.ivf(DIM, nlist=nlist, nprobe=min(NPROBES[0], nlist))
+        index = EmbeddingIndex.ivf(DIM, nlist=nlist)
         sample = np.random.default_rng(SEED).choice(n, min(n, 64 * nlist), replace=False)
         index.train(vectors[np.sort(sample)])
     else:
@@ -146,9 +160,11 @@ def build(kind: str, vectors: np.ndarray, labels: np.ndarray) -> tuple[Embedding
     return index, time.perf_counter() - start
 
 
-def settings(kind: str) -> list[tuple[str, int | None]]:
+def settings(kind: str, nlist: int) -> list[tuple[str, int | None]]:
+    """The knob settings searched: IVF ``nprobe`` (a share of the ``nlist`` cells), HNSW
+    ``ef_search``, none for flat."""
     if kind == "ivf":
-        return [("nprobe", value) for value in NPROBES]
+        return [("nprobe", max(1, nlist // divisor)) for divisor in NPROBE_DIVISORS]
     if kind == "hnsw":
         return [("ef_search", value) for value in EF_SEARCHES]
     return [("", None)]
@@ -175,7 +191,9 @@ def single_query_ms(index: EmbeddingIndex, queries: np.ndarray) -> float:
     return statistics.median(times) * 1e3
 
 
-def run_size(n: int, n_queries: int, repeats: int) -> tuple[list[dict[str, Any]], ...]:
+def run_size(
+    n: int, n_queries: int, repeats: int, kinds: Sequence[str]
+) -> tuple[list[dict[str, Any]], ...]:
     data = ClusteredData(max(1, n // POINTS_PER_CLUSTER))
     vectors, labels = data.sample(n)
     queries, _ = data.sample(n_queries)
@@ -194,10 +212,11 @@ def run_size(n: int, n_queries: int, repeats: int) -> tuple[list[dict[str, Any]]
 
     search_rows: list[dict[str, Any]] = []
     edit_rows: list[dict[str, Any]] = []
-    for kind in ("flat", "ivf", "hnsw"):
+    for kind in kinds:
         index, build_s = build(kind, vectors, labels)
         print(f"  {kind}: built in {build_s:.1f} s")
-        for knob, value in settings(kind):
+        knobs = settings(kind, index.nlist)
+        for knob, value in knobs:
             if value is not None:
                 setattr(index, knob, value)
             found, qps = search_rate(index, queries, repeats)
@@ -216,7 +235,7 @@ def run_size(n: int, n_queries: int, repeats: int) -> tuple[list[dict[str, Any]]
                     "recall_at_10": recall(found, truth),
                 }
             )
-        default_knob, default_value = settings(kind)[len(settings(kind)) // 2]
+        default_knob, default_value = knobs[(len(knobs) - 1) // 2]
         if default_value is not None:
             setattr(index, default_knob, default_value)
         start = time.perf_counter()
@@ -309,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, help="queries per search (default 10000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed searches per setting")
     parser.add_argument("--threads", type=int, default=2, help="faiss and torch threads")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help="comma-separated index kinds: flat,ivf,hnsw"
+    )
     parser.add_argument("--out", help="JSON output path")
     return parser.parse_args(argv)
 
@@ -319,17 +341,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.sizes:
         sizes = [int(size) for size in args.sizes.split(",")]
     n_queries = args.queries or (1_000 if args.quick else 10_000)
+    kinds = args.kinds.split(",")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise SystemExit(f"unknown index kind(s): {', '.join(unknown)}; choose from {KINDS}")
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
 
     search_rows: list[dict[str, Any]] = []
     edit_rows: list[dict[str, Any]] = []
     for n in sizes:
-        searched, edited = run_size(n, n_queries, args.repeats)
+        searched, edited = run_size(n, n_queries, args.repeats, kinds)
         search_rows += searched
         edit_rows += edited
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: kB
     print()
     print(report(search_rows, edit_rows))
+    print(f"\npeak resident memory {peak_gb:.1f} GiB")
     out = Path(args.out) if args.out else RESULTS / "index.json"
     payload = {
         "machine": machine_info(args.threads, "cpu") | {"faiss": faiss.__version__},
@@ -338,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             "sizes": sizes,
             "queries": n_queries,
             "repeats": args.repeats,
+            "kinds": kinds,
             "k": K,
             "dim": DIM,
             "data": {
@@ -350,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
             "edit_size": EDIT_SIZE,
             "metric": "inner_product on normalised embeddings (cosine)",
         },
+        "peak_rss_gb": peak_gb,
         "search": search_rows,
         "edits": edit_rows,
     }

@@ -258,6 +258,61 @@ def test_make_pairs_value_errors() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# count_pairs and evaluate_labelled_set
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("labels", [[0, 0, 0, 1, 1, 2], [3], [], [5, 5, 5, 5], list(range(7))])
+def test_count_pairs_against_a_loop(labels: list[int]) -> None:
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1 :]]
+    expected = (sum(a == b for a, b in pairs), sum(a != b for a, b in pairs))
+    assert verification.count_pairs(np.array(labels, dtype=np.int64)) == expected
+    assert verification.count_pairs(torch.tensor(labels, dtype=torch.long)) == expected
+
+
+def test_labelled_set_with_every_pair_against_brute_force() -> None:
+    # 4 identities x 5 samples: 40 genuine and 150 impostor pairs, all taken (cap 1000)
+    x, labels = _identities(4, 5, 6, seed=7)
+    result = verification.evaluate_labelled_set(x, labels, max_pairs=1000, target_fprs=(0.1,))
+    genuine, impostor = [], []
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            d = float(np.linalg.norm(x[i] - x[j]))
+            (genuine if labels[i] == labels[j] else impostor).append(d)
+    np.testing.assert_allclose(np.sort(result.genuine), np.sort(genuine), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(result.impostor), np.sort(impostor), rtol=1e-6)
+    wins = sum((g < i) + 0.5 * (g == i) for g in genuine for i in impostor)
+    assert result.auc == pytest.approx(wins / (len(genuine) * len(impostor)))
+    correct = [
+        sum(g <= t for g in genuine) + sum(i > t for i in impostor)
+        for t in [-np.inf, *genuine, *impostor]
+    ]
+    assert result.best_accuracy == pytest.approx(max(correct) / 190)
+
+
+def test_labelled_set_caps_the_pairs_and_is_seeded() -> None:
+    x, labels = _identities(10, 6, 4, seed=1)  # 150 genuine, 1620 impostor pairs
+    result = verification.evaluate_labelled_set(x, labels, max_pairs=100, seed=5)
+    assert len(result.genuine) == 100 and len(result.impostor) == 100
+    first, second, same = make_pairs(labels, 100, 100, seed=5)
+    expected = evaluate_verification(pair_distances(x, first, second), same)
+    assert result.auc == expected.auc and result.best_threshold == expected.best_threshold
+    # fewer genuine pairs than the cap: all of them, and the cap of impostors
+    capped = verification.evaluate_labelled_set(x, labels, max_pairs=500, seed=5)
+    assert len(capped.genuine) == 150 and len(capped.impostor) == 500
+    cosine = verification.evaluate_labelled_set(x, labels, 100, distance=CosineSimilarity())
+    assert cosine.is_similarity and cosine.auc > 0.9
+
+
+def test_labelled_set_value_errors() -> None:
+    x = np.eye(3)
+    with pytest.raises(ValueError, match="a class with two or more samples"):
+        verification.evaluate_labelled_set(x, np.array([0, 1, 2]), max_pairs=10)
+    with pytest.raises(ValueError, match="at least two classes"):
+        verification.evaluate_labelled_set(x, np.array([1, 1, 1]), max_pairs=10)
+    with pytest.raises(ValueError, match="max_pairs must be a positive int"):
+        verification.evaluate_labelled_set(x, np.array([0, 0, 1]), max_pairs=0)
+
+
+# --------------------------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------------------------
 def test_plot_writes_a_png(tmp_path: Path) -> None:

@@ -5,7 +5,10 @@
   training and for unseen ones (PCA; UMAP when ``umap-learn`` is installed and asked for);
 * ``neighbours.png`` — a grid of query images with their nearest neighbours among the unseen
   classes, each neighbour framed green (same class) or red (different);
-* extra figures passed by the caller (e.g. verification's ROC curve);
+* ``verification.png`` — genuine and impostor distance distributions and the ROC curve on
+  held-out classes (:func:`verification_record`), with AUC, EER, TPR at FPR 1e-2 / 1e-3 and
+  the calibrated threshold in a table of the page;
+* extra figures passed by the caller;
 * ``report.html`` — all of the above, the before/after table and the config, with the images
   embedded (base64), so the single file can be mailed or archived.
 """
@@ -15,7 +18,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from .index import _write_atomically  # noqa: E402
+from .verification import evaluate_labelled_set, plot_verification  # noqa: E402
+
+#: The report's verification samples at most this many genuine and this many impostor pairs
+#: of the held-out split (enough to read a true accept rate at a false accept rate of 1e-3),
+#: always with the same seed, so two runs are scored on the same pairs.
+VERIFICATION_PAIRS = 10_000
+VERIFICATION_SEED = 0
+#: False accept rates at which the report reads the true accept rate.
+VERIFICATION_FPRS = (1e-2, 1e-3)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
@@ -142,22 +158,117 @@ def nearest_neighbours(query: Tensor, gallery: Tensor, n: int, exclude_self: boo
     return dist.topk(min(n, gallery.shape[0] - int(exclude_self)), largest=False).indices
 
 
+def verification_record(
+    embeddings: Tensor, labels: Tensor, split: str, path: Path
+) -> dict[str, Any]:
+    """Verification on a held-out split for the report: metrics and ``path`` (a PNG).
+
+    Samples up to :data:`VERIFICATION_PAIRS` genuine and as many impostor pairs of the
+    ``(N, E)`` embeddings with their ``(N,)`` labels (seed :data:`VERIFICATION_SEED`), scores
+    them by Euclidean distance and draws the distance distributions and the ROC curve.
+
+    Returns the record for ``results.json``: ``split``, ``classes``, ``distance``, ``seed``,
+    then AUC, EER, the best-accuracy (calibrated) threshold and the true accept rates at
+    :data:`VERIFICATION_FPRS` with their thresholds (a pair is "same" when its distance is at
+    most the threshold; a threshold that accepts nothing is ``None``). A split without two
+    samples of one class, or with a single class, gives ``{"split", "skipped": reason}``
+    and no figure.
+    """
+    classes = int(torch.unique(labels).numel())
+    if classes < 2 or classes == len(labels):
+        reason = f"the {split} split has {len(labels)} samples of {classes} classes"
+        return {"split": split, "skipped": reason}
+    result = evaluate_labelled_set(
+        embeddings,
+        labels,
+        max_pairs=VERIFICATION_PAIRS,
+        seed=VERIFICATION_SEED,
+        target_fprs=VERIFICATION_FPRS,
+    )
+    plot_verification(result, path)
+    record: dict[str, Any] = {
+        "split": split,
+        "classes": classes,
+        "distance": "euclidean",
+        "seed": VERIFICATION_SEED,
+        "n_genuine": len(result.genuine),
+        "n_impostor": len(result.impostor),
+    }
+    for key, value in result.summary().items():
+        if key not in record:  # (the pair counts are kept as ints)
+            record[key] = value if math.isfinite(value) else None
+    return record
+
+
+def verification_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's table of a :func:`verification_record`: one row per number."""
+
+    def row(metric: str, value: float, threshold: float | None) -> dict[str, Any]:
+        return {
+            "metric": metric,
+            "value": value,
+            "threshold (same if distance <=)": "-" if threshold is None else threshold,
+        }
+
+    rows = [row("AUC", record["auc"], None)]
+    rows.append(row("EER", record["eer"], record["eer_threshold"]))
+    for fpr in VERIFICATION_FPRS:
+        rows.append(
+            row(
+                f"TPR at FPR {fpr:g}",
+                record[f"tpr_at_fpr_{fpr:g}"],
+                record[f"threshold_at_fpr_{fpr:g}"],
+            )
+        )
+    rows.append(
+        row("accuracy (calibrated threshold)", record["best_accuracy"], record["best_threshold"])
+    )
+    return rows
+
+
+def verification_note(record: dict[str, Any]) -> str:
+    """One sentence saying what the report's verification was measured on (or why not)."""
+    if "skipped" in record:
+        return f"Verification skipped: {record['skipped']}."
+    split = record["split"]
+    chosen_on = " (the classes that chose the checkpoint)" if split == "validation" else ""
+    note = (
+        f"Verification on the {split} split{chosen_on}: {record['classes']} classes never "
+        f"trained on, {record['n_genuine']} genuine and {record['n_impostor']} impostor pairs "
+        f"(seed {record['seed']}), Euclidean distance of the embeddings; the calibrated "
+        "threshold is the one of best accuracy on these pairs."
+    )
+    if min(VERIFICATION_FPRS) < 1 / record["n_impostor"]:
+        note += f" With {record['n_impostor']} impostor pairs, FPRs below "
+        note += f"{1 / record['n_impostor']:.2g} cannot be told from 0."
+    return note
+
+
 def _image_tag(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def write_html(
-    run_dir: Path,
-    title: str,
-    table: Sequence[dict[str, Any]],
-    figures: Sequence[Path],
-    config: dict[str, Any],
-    notes: Sequence[str] = (),
-) -> Path:
-    """Write ``run_dir/report.html``: the table, the notes, the figures (embedded) and the
-    config. Returns its path."""
-    columns = list(table[0]) if table else []
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    """``values`` as indented JSON at ``path``, written atomically (temp file + rename)."""
+    _write_atomically(path, json.dumps(values, indent=2).encode())
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """A titled part of the HTML page: a table, notes and figures (each may be empty)."""
+
+    title: str
+    table: Sequence[dict[str, Any]] = ()
+    notes: Sequence[str] = ()
+    figures: Sequence[Path] = ()
+
+
+def _html_table(table: Sequence[dict[str, Any]]) -> str:
+    """Rows of ``{column: value}`` as an HTML table (floats with 4 decimals)."""
+    if not table:
+        return ""
+    columns = list(table[0])
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     rows = []
     for record in table:
@@ -168,11 +279,38 @@ def write_html(
                 f"<td>{v:.4f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
             )
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _html_body(
+    table: Sequence[dict[str, Any]], notes: Sequence[str], figures: Sequence[Path]
+) -> str:
+    return (
+        _html_table(table)
+        + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+        + "".join(f"<figure>{_image_tag(f)}</figure>" for f in figures if f.is_file())
+    )
+
+
+def write_html(
+    run_dir: Path,
+    title: str,
+    table: Sequence[dict[str, Any]],
+    figures: Sequence[Path],
+    config: dict[str, Any],
+    notes: Sequence[str] = (),
+    sections: Sequence[ReportSection] = (),
+) -> Path:
+    """Write ``run_dir/report.html`` (atomically): the table, the notes, the figures
+    (embedded), each of the ``sections`` under its own heading, and the config. Returns its
+    path."""
     body = [
         f"<h1>{html.escape(title)}</h1>",
-        f"<table><tr>{head}</tr>{''.join(rows)}</table>" if table else "",
-        "".join(f"<p>{html.escape(n)}</p>" for n in notes),
-        "".join(f"<figure>{_image_tag(f)}</figure>" for f in figures if f.is_file()),
+        _html_body(table, notes, figures),
+        *(
+            f"<h2>{html.escape(s.title)}</h2>" + _html_body(s.table, s.notes, s.figures)
+            for s in sections
+        ),
         "<h2>Config</h2><pre>" + html.escape(json.dumps(config, indent=2, default=str)) + "</pre>",
     ]
     style = (
@@ -186,5 +324,5 @@ def write_html(
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
     )
     path = run_dir / "report.html"
-    path.write_text(page)
+    _write_atomically(path, page.encode())
     return path

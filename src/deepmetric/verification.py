@@ -15,8 +15,9 @@ is calibrated on labelled validation pairs, and the usual numbers come from the 
 
 Pieces: :func:`make_pairs` samples genuine and impostor pairs from a labelled set,
 :func:`pair_distances` scores them, :func:`evaluate_verification` computes the numbers above
-(a :class:`VerificationResult`), :class:`Verifier` wraps calibration and decision, and
-:func:`plot_verification` draws the distance distributions and the ROC curve into a PNG.
+(a :class:`VerificationResult`), :func:`evaluate_labelled_set` does all three on a labelled
+set, :class:`Verifier` wraps calibration and decision, and :func:`plot_verification` draws the
+distance distributions and the ROC curve into a PNG.
 
 Convention: a pair is accepted when ``distance <= threshold`` (for a similarity,
 ``similarity >= threshold``). Thresholds are observed scores, so calibrating on a set and
@@ -386,6 +387,56 @@ def make_pairs(
     second = np.concatenate([gj, ij]).astype(np.int64)
     same = np.concatenate([np.ones(len(gi), bool), np.zeros(len(ii), bool)])
     return np.minimum(first, second), np.maximum(first, second), same
+
+
+def count_pairs(labels: Any) -> tuple[int, int]:
+    """``(genuine, impostor)``: how many distinct unordered same-label and different-label
+    pairs the ``(N,)`` labels have (what :func:`make_pairs` can draw from)."""
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {y.shape}")
+    _, sizes = np.unique(y, return_counts=True)
+    genuine = int((sizes * (sizes - 1) // 2).sum())
+    return genuine, len(y) * (len(y) - 1) // 2 - genuine
+
+
+def evaluate_labelled_set(
+    embeddings: Any,
+    labels: Any,
+    max_pairs: int,
+    seed: int = 0,
+    target_fprs: Sequence[float] = DEFAULT_TARGET_FPRS,
+    distance: BaseDistance | None = None,
+) -> VerificationResult:
+    """Verification metrics of a labelled set, on pairs sampled from it.
+
+    Draws ``min(max_pairs, available)`` genuine and as many impostor pairs with
+    :func:`make_pairs` (``seed``: same seed, same pairs), scores them with
+    :func:`pair_distances` and evaluates them with :func:`evaluate_verification`.
+
+    Args:
+        embeddings: ``(N, D)`` embeddings; labels: ``(N,)`` their identities.
+        max_pairs: at most this many genuine pairs, and at most this many impostor pairs.
+        distance: as in :func:`pair_distances` (default Euclidean; a similarity such as
+            ``CosineSimilarity()`` gives similarity thresholds).
+
+    ``ValueError`` if the set has no two samples of one class or fewer than two classes.
+    """
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+        raise ValueError(f"max_pairs must be a positive int, got {max_pairs!r}")
+    genuine_total, impostor_total = count_pairs(labels)
+    if genuine_total == 0 or impostor_total == 0:
+        raise ValueError(
+            "verification needs a class with two or more samples and at least two classes"
+        )
+    first, second, same = make_pairs(
+        labels, min(max_pairs, genuine_total), min(max_pairs, impostor_total), seed=seed
+    )
+    resolved = resolve_distance(distance)
+    scores = pair_distances(embeddings, first, second, resolved)
+    return evaluate_verification(
+        scores, same, target_fprs=target_fprs, is_similarity=resolved.is_inverted
+    )
 
 
 # --------------------------------------------------------------------------------------------
