@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,10 +14,8 @@ from deepmetric.cli import main
 
 def test_demo_digits_writes_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "demo"
-    assert (
-        main(["demo", "--dataset", "digits", "--epochs", "1", "--no-progress", "--out", str(out)])
-        == 0
-    )
+    args = ["demo", "--dataset", "digits", "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert main([*args, "--projection", "pca"]) == 0
     printed = capsys.readouterr().out
     assert "raw pixels" in printed and "trained network" in printed
     for name in ("config.yaml", "best.pt", "last.pt", "metrics.jsonl", "report.html", "curves.png"):
@@ -27,7 +26,18 @@ def test_demo_digits_writes_a_run_folder(tmp_path: Path, capsys: pytest.CaptureF
         "untrained network",
         "trained network",
     ]
-    assert "data:image/png;base64," in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    assert "projection: pca" in (out / "config.yaml").read_text()
+    # verification on the unseen test classes (digits 6-9), in results.json and the report
+    verification = results["verification"]
+    assert verification["split"] == "test" and verification["classes"] == 4
+    assert verification["n_genuine"] == verification["n_impostor"] == 10_000
+    assert 0.5 < verification["auc"] <= 1 and 0 <= verification["eer"] < 0.5
+    assert {"tpr_at_fpr_0.01", "tpr_at_fpr_0.001", "best_threshold"} <= set(verification)
+    assert (out / "verification.png").is_file()
+    assert "<h2>Verification on unseen classes</h2>" in page
+    assert f"<td>AUC</td><td>{verification['auc']:.4f}</td>" in page
 
     assert main(["evaluate", "--run", str(out)]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -47,9 +57,10 @@ def test_train_from_config_and_flags(tmp_path: Path) -> None:
         f"train: {{epochs: 1, p: 3, k: 8}}\nout: {tmp_path / 'run'}\n"
     )
     args = ["train", "--config", str(config), "--no-progress", "--lr", "0.01"]
-    assert main([*args, "--set", "loss.neg_margin=0.8"]) == 0
+    assert main([*args, "--set", "loss.neg_margin=0.8", "--projection", "pca"]) == 0
     saved = (tmp_path / "run" / "config.yaml").read_text()
-    assert "neg_margin: 0.8" in saved and "lr: 0.01" in saved
+    assert "neg_margin: 0.8" in saved and "lr: 0.01" in saved and "projection: pca" in saved
+    assert (tmp_path / "run" / "embedding_map.png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -59,6 +70,7 @@ def test_train_from_config_and_flags(tmp_path: Path) -> None:
         ("train: {epocs: 1}\n", "unknown training option(s): epocs"),
         ("loss: {name: NoSuchLoss}\n", "unknown loss 'NoSuchLoss'"),
         ("model: {width: 3}\n", "unknown key(s) in 'model': width"),
+        ("projection: tsne\n", "config key 'projection' must be one of pca, umap, got 'tsne'"),
     ],
 )
 def test_bad_config_names_the_key(
@@ -95,3 +107,48 @@ def test_report_without_unseen_classes(tmp_path: Path) -> None:
     )
     assert page.is_file() and (tmp_path / "embedding_map.png").is_file()
     assert not (tmp_path / "neighbours.png").exists()
+    # nor a validation split: verification is skipped, and the report says so
+    assert not (tmp_path / "verification.png").exists()
+    skipped = json.loads((tmp_path / "results.json").read_text())["verification"]
+    assert skipped == {"split": None, "skipped": "the run holds out no test or validation classes"}
+    assert "Verification skipped: the run holds out no test or validation classes" in (
+        page.read_text()
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("umap") is not None, reason="umap-learn installed")
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_umap_without_umap_learn_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str
+) -> None:
+    out = tmp_path / "run"
+    args = [command, "--dataset", "digits", "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert main([*args, "--projection", "umap"]) == 2
+    assert "'projection' is 'umap' but the umap-learn package is not installed" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()  # refused before the run folder, let alone a checkpoint
+
+
+def test_report_verifies_on_the_validation_split_without_test_classes(tmp_path: Path) -> None:
+    """The one-shot benchmark holds out validation classes only: verification uses them."""
+    import torch
+
+    from deepmetric.cli import write_report
+    from deepmetric.data import ArrayDataset, load_digits
+    from deepmetric.runs import RunConfig, build_model
+
+    digits = load_digits()
+    model = build_model(RunConfig().model, digits.x[0])
+    empty = ArrayDataset(digits.x[:0], digits.labels[:0], digits.class_names)
+    train = digits.subset(torch.where(digits.labels < 8)[0])
+    val = digits.subset(torch.where(digits.labels >= 8)[0])
+    results = {"table": [{"embedding": "trained network"}], "verdict": "ok", "train_seconds": 1.0}
+    write_report(tmp_path, RunConfig(), results, model, train, empty, val)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["verification"] == results["verification"]
+    assert saved["verification"]["split"] == "validation"
+    assert saved["verification"]["classes"] == 2
+    n_8, n_9 = (int((val.labels == c).sum()) for c in (8, 9))
+    assert saved["verification"]["n_impostor"] == min(10_000, n_8 * n_9)
+    assert "Verification on the validation split" in (tmp_path / "report.html").read_text()

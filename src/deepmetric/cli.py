@@ -5,6 +5,8 @@ deepmetric demo --dataset digits     # a seconds-long smoke run
 deepmetric oneshot --seed 0          # Omniglot 20-way one-shot benchmark, accuracy per run
 deepmetric train --config run.yaml   # every option also a flag: --epochs 5 --loss ArcFaceLoss
 deepmetric train --hdml              # with hardness-aware synthetic negatives (HDML)
+deepmetric train --nproc 4           # data-parallel on 4 local processes (also `demo --nproc`)
+torchrun --nproc_per_node 4 -m deepmetric train ...   # the same, started by torchrun
 deepmetric evaluate --run runs/x     # retrieval metrics of a trained run on its test classes
 deepmetric embed --run runs/x --dataset folder:imgs --out emb.npy
 deepmetric index build --run runs/x --dataset folder:gallery --out gallery.index
@@ -30,10 +32,19 @@ import yaml
 from torch import Tensor, nn
 
 from . import report
+from ._launch import (
+    ProcessFailedError,
+    launched_by_torchrun,
+    launcher_rank,
+    process_group,
+    start_processes,
+)
 from .cli_index import add_index_commands
 from .data import ArrayDataset, load_omniglot_runs, split_by_class
 from .runs import (
+    PROJECTIONS,
     RunConfig,
+    build_augment,
     build_hdml,
     build_loss,
     build_miner,
@@ -43,7 +54,14 @@ from .runs import (
     save_config,
     with_rotations,
 )
-from .training import TrainConfig, Trainer, embed, load_checkpoint, retrieval_metrics
+from .training import (
+    TrainConfig,
+    Trainer,
+    embed,
+    load_checkpoint,
+    process_rank,
+    retrieval_metrics,
+)
 
 
 # -- the experiment shared by `demo` and `train` --------------------------------------------------
@@ -65,10 +83,16 @@ def _flatten_pixels(x: Tensor) -> Tensor:
 def run_experiment(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Train on the config's training classes, then score raw pixels, the untrained network and
     the trained network on held-out classes (and Omniglot's one-shot runs). Writes the run
-    folder and returns the results."""
+    folder and returns the results.
+
+    In a ``torch.distributed`` job (see :func:`launch_experiment`) every process calls it and
+    trains; only rank 0 writes the run folder and scores, the others return ``{}``."""
+    config.check_optional_packages()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+    main_process = process_rank() == 0
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
     torch.manual_seed(config.train.seed)
 
     dataset = load_dataset(config.dataset, config.image_size)
@@ -104,6 +128,7 @@ def run_experiment(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         config=config.train,
         val_set=val_set,
         miner=miner,
+        augment=build_augment(config.augment),
         run_dir=out,
         hdml=hdml,
     )
@@ -127,12 +152,13 @@ def run_experiment(config: RunConfig, progress: bool = True) -> dict[str, Any]:
             row["one-shot 20-way"] = sum(per_run[name]) / len(runs)
         rows.append(row)
 
-    score("raw pixels", _flatten_pixels)
-    score("untrained network", embed_with(untrained))
-    model.load_state_dict(untrained)
     started = time.perf_counter()
     history = trainer.fit()
     seconds = time.perf_counter() - started
+    if not main_process:  # the others only train (and need not wait for the scores)
+        return {}
+    score("raw pixels", _flatten_pixels)
+    score("untrained network", embed_with(untrained))
     best = load_checkpoint(out / "best.pt")
     score("trained network", embed_with(best["model"]))
 
@@ -152,8 +178,8 @@ def run_experiment(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         "test_classes": len(split.test_classes),
         "train_classes": len(train_set.class_names),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(out, config, results, model, train_set, test_set)
+    report.write_json(out / "results.json", results)  # the scores, even if the report fails
+    write_report(out, config, results, model, train_set, test_set, val_set)
     return results
 
 
@@ -164,8 +190,14 @@ def write_report(
     model: nn.Module,
     train_set: ArrayDataset,
     test_set: ArrayDataset,
+    val_set: ArrayDataset | None = None,
 ) -> Path:
-    """Curves, embedding maps, neighbour grid and the HTML page of a finished run."""
+    """Curves, embedding maps, neighbour grid, verification and the HTML page of a finished run.
+
+    Verification is measured on classes never trained on: the test split, or when the run has
+    none (the one-shot benchmark) the validation split. Its record is stored in
+    ``results["verification"]`` and ``out/results.json`` is rewritten with it.
+    """
     device = next(model.parameters()).device
     figures = [report.plot_curves(report.read_metrics(out / "metrics.jsonl"), out / "curves.png")]
     # all samples of 20 random training classes (the map shows at most 20 colours)
@@ -177,7 +209,9 @@ def write_report(
     test_emb = embed(model, test_set.x, device=device) if len(test_set) else None
     if test_emb is not None:
         groups.append(("unseen classes", test_emb, test_set.labels))
-    figures.append(report.plot_embedding_map(groups, out / "embedding_map.png"))
+    figures.append(
+        report.plot_embedding_map(groups, out / "embedding_map.png", method=config.projection)
+    )
     if test_emb is not None and test_set.x.ndim == 4:
         pick = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(1))[:8]
         neighbours = report.nearest_neighbours(test_emb, test_emb, 6, exclude_self=True)[pick]
@@ -191,6 +225,23 @@ def write_report(
                 out / "neighbours.png",
             )
         )
+
+    verification_png = out / "verification.png"
+    if test_emb is not None:
+        record = report.verification_record(test_emb, test_set.labels, "test", verification_png)
+    elif val_set is not None and len(val_set):
+        val_emb = embed(model, val_set.x, device=device)
+        record = report.verification_record(val_emb, val_set.labels, "validation", verification_png)
+    else:
+        record = {"split": None, "skipped": "the run holds out no test or validation classes"}
+    results["verification"] = record
+    report.write_json(out / "results.json", results)
+    verification = report.ReportSection(
+        "Verification on unseen classes",
+        table=[] if "skipped" in record else report.verification_rows(record),
+        notes=[report.verification_note(record)],
+        figures=[] if "skipped" in record else [verification_png],
+    )
     return report.write_html(
         out,
         f"deepmetric run: {config.dataset}",
@@ -198,6 +249,7 @@ def write_report(
         figures,
         config.to_dict(),
         notes=[results["verdict"], f"training time {results['train_seconds']:.0f} s"],
+        sections=[verification],
     )
 
 
@@ -241,9 +293,13 @@ def demo_config(dataset: str, epochs: int | None, seed: int, out: str | None) ->
 
 def cmd_demo(args: argparse.Namespace) -> int:
     config = demo_config(args.dataset, args.epochs, args.seed, args.out)
+    config.projection = args.projection
     config.train.progress = not args.no_progress
-    print(f"deepmetric demo: {config.dataset}, {config.train.epochs} epochs -> {config.out}")
-    results = run_experiment(config)
+    if launcher_rank() == 0:
+        print(f"deepmetric demo: {config.dataset}, {config.train.epochs} epochs -> {config.out}")
+    results = launch_experiment(config, args.nproc, args.dist_timeout)
+    if results is None:  # a torchrun process other than rank 0
+        return 0
     print()
     print(format_table(results["table"]))
     print()
@@ -299,6 +355,13 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--test-classes", type=float, default=None)
     run.add_argument("--val-classes", type=float, default=None)
     run.add_argument("--rotations", type=_parse_bool, default=None, metavar="BOOL")
+    run.add_argument(
+        "--augment",
+        default=None,
+        metavar="MAPPING",
+        help="random affine distortions of training images, e.g. '{rotation: 10}' ('{}': "
+        "defaults, 'null': none)",
+    )
     run.add_argument("--embedding-size", type=int, default=None)
     run.add_argument("--loss", default=None, help="loss class name, e.g. ArcFaceLoss")
     run.add_argument("--miner", default=None, help="miner class name, or 'none'")
@@ -310,6 +373,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="BOOL",
         help="hardness-aware synthetic negatives (HDML); options: --set hdml_options.alpha=1",
+    )
+    run.add_argument(
+        "--projection", choices=PROJECTIONS, default=None, help="the report's embedding map"
     )
     run.add_argument("--out", default=None)
     run.add_argument(
@@ -345,10 +411,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, f.name)
         if value is not None:
             train[f.name] = value
-    for key in ("dataset", "image_size", "test_classes", "val_classes", "rotations", "hdml", "out"):
+    keys = ("dataset", "image_size", "test_classes", "val_classes", "rotations", "hdml")
+    for key in (*keys, "projection", "out"):
         value = getattr(args, key)
         if value is not None:
             values[key] = value
+    if args.augment is not None:  # YAML text: 'null' turns augmentation off
+        values["augment"] = _yaml_value(args.augment)
     if args.embedding_size is not None:
         values["model"]["embedding_size"] = args.embedding_size
     if args.loss is not None:
@@ -369,10 +438,44 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
+def launch_experiment(
+    config: RunConfig, nproc: int | None, timeout_s: float
+) -> dict[str, Any] | None:
+    """:func:`run_experiment` in this process; in ``nproc`` new local processes (``--nproc``);
+    or, when torchrun started this process, as one process of its job (see
+    :mod:`deepmetric._launch`; ``timeout_s`` bounds every wait on another process).
+
+    Returns the results, or None in a torchrun process other than rank 0 (the others only
+    train). Raises ``ValueError`` for a bad ``nproc`` and
+    :class:`~deepmetric._launch.ProcessFailedError` when a started process fails.
+    """
+    config.check_optional_packages()  # before any process starts
+    if launched_by_torchrun():
+        if nproc is not None:
+            raise ValueError("--nproc starts processes itself; leave it out under torchrun")
+        with process_group(config.train.device, timeout_s) as rank:
+            on_this_rank = run_experiment(config)
+        return on_this_rank if rank == 0 else None
+    if nproc is None or nproc == 1:
+        return run_experiment(config)
+    if nproc < 1 or config.train.p % nproc != 0:
+        raise ValueError(
+            f"--nproc must be >= 1 and divide p={config.train.p} (the classes of a batch are "
+            f"split across the processes), got {nproc}"
+        )
+    start_processes(
+        nproc, run_experiment, (config,), device=config.train.device, timeout_s=timeout_s
+    )
+    results: dict[str, Any] = json.loads((Path(config.out) / "results.json").read_text())
+    return results
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.train.progress = not args.no_progress
-    results = run_experiment(config)
+    results = launch_experiment(config, args.nproc, args.dist_timeout)
+    if results is None:  # a torchrun process other than rank 0
+        return 0
     print(format_table(results["table"]))
     print(results["verdict"])
     return 0
@@ -419,6 +522,26 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_process_flags(parser: argparse.ArgumentParser) -> None:
+    """``--nproc`` and ``--dist-timeout`` (distributed training, see :mod:`deepmetric._launch`)."""
+    group = parser.add_argument_group("distributed training")
+    group.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train data-parallel on N local processes (GPUs when the device is CUDA); "
+        "leave out under torchrun",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long a process waits for the others before failing (default 300)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepmetric", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -428,7 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default=None)
+    demo.add_argument(
+        "--projection", choices=PROJECTIONS, default="pca", help="the report's embedding map"
+    )
     demo.add_argument("--no-progress", action="store_true")
+    _add_process_flags(demo)
     demo.set_defaults(func=cmd_demo)
 
     oneshot = sub.add_parser("oneshot", help="Omniglot 20-way one-shot benchmark")
@@ -442,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=None, help="YAML run config")
     train.add_argument("--no-progress", action="store_true")
     _add_train_flags(train)
+    _add_process_flags(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="retrieval metrics of a trained run")
@@ -469,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"deepmetric: error: {error}", file=sys.stderr)
         return 2
+    except ProcessFailedError as error:  # its own message is printed above
+        print(f"deepmetric: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

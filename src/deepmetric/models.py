@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 class SmallConvNet(nn.Module):
     """A compact CNN trunk: ``blocks`` × (3×3 conv, BatchNorm, ReLU, 2×2 max-pool), then global
-    average pooling. The classic few-shot backbone (Vinyals et al., 2016; Snell et al., 2017).
+    average pooling. The convolutions have no bias: BatchNorm's shift would cancel it (its true
+    gradient is zero, and Adam would turn the rounding noise in it into full-size steps). The
+    classic few-shot backbone (Vinyals et al., 2016; Snell et al., 2017).
 
     Pooling stops once the feature map is 1×1, so any input size from 8×8 up works.
 
@@ -37,7 +39,9 @@ class SmallConvNet(nn.Module):
         for i in range(blocks):
             layers.append(
                 nn.Sequential(
-                    nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1),
+                    nn.Conv2d(
+                        in_channels if i == 0 else channels, channels, 3, padding=1, bias=False
+                    ),
                     nn.BatchNorm2d(channels),
                     nn.ReLU(inplace=True),
                 )

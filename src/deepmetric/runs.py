@@ -8,12 +8,15 @@ A config file names every part; any key left out takes its default::
     test_classes: 0.2          # held-out classes for the final evaluation
     val_classes: 0.1           # classes that choose the best checkpoint
     rotations: true            # rotated copies (90/180/270°) as extra training classes
+    augment: null              # random affine distortions of training images: a mapping of
+                               # deepmetric.augment.RandomAffine's arguments ({} = defaults)
     model: {channels: 64, embedding_size: 128}
     loss: {name: TripletMarginLoss, margin: 0.1}
     miner: {name: MultiSimilarityMiner, epsilon: 0.1}
     train: {epochs: 10, p: 32, k: 4, lr: 0.001}
     hdml: false                # hardness-aware synthetic negatives (Zheng et al., 2019)
     hdml_options: {}           # keyword arguments of deepmetric.hdml.HDML, e.g. {alpha: 1.0}
+    projection: pca            # the report's 2-D embedding map: pca | umap (needs umap-learn)
     out: runs/omniglot
 
 Unknown keys are errors that name the key.
@@ -21,6 +24,7 @@ Unknown keys are errors that name the key.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from . import data as data_module
 from . import losses as losses_module
 from . import miners as miners_module
+from .augment import RandomAffine
 from .data import ArrayDataset
 from .hdml import HDML
 from .models import EmbeddingNet, SmallConvNet
@@ -51,6 +56,10 @@ class ModelConfig:
     normalize: bool = True
 
 
+#: Methods of the report's 2-D embedding map (see :func:`deepmetric.report.project_2d`).
+PROJECTIONS = ("pca", "umap")
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs; see the module docstring for the YAML form."""
@@ -60,6 +69,7 @@ class RunConfig:
     test_classes: float = 0.2
     val_classes: float = 0.1
     rotations: bool = True
+    augment: dict[str, float] | None = None
     split_seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: dict[str, Any] = field(
@@ -71,7 +81,25 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     hdml: bool = False
     hdml_options: dict[str, Any] = field(default_factory=dict)
+    projection: str = "pca"
     out: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        if self.projection not in PROJECTIONS:
+            raise ValueError(
+                f"config key 'projection' must be one of {', '.join(PROJECTIONS)}, "
+                f"got {self.projection!r}"
+            )
+
+    def check_optional_packages(self) -> None:
+        """``ValueError`` if the run asks for an optional package that is not installed
+        (``projection: umap`` needs umap-learn). Called when a run starts, before training,
+        and not when a config is loaded: a finished run's folder stays usable without it."""
+        if self.projection == "umap" and importlib.util.find_spec("umap") is None:
+            raise ValueError(
+                "config key 'projection' is 'umap' but the umap-learn package is not "
+                "installed: pip install umap-learn, or use projection: pca"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +128,11 @@ class RunConfig:
             spec = kwargs.get(key)
             if spec is not None and (not isinstance(spec, dict) or "name" not in spec):
                 raise ValueError(f"config key '{key}' must be a mapping with a 'name'")
+        augment = kwargs.get("augment")
+        if augment is not None:
+            if not isinstance(augment, dict):
+                raise ValueError("config key 'augment' must be a mapping (or null for none)")
+            build_augment(augment)  # names a bad key now, not after loading the data
         if not isinstance(kwargs.get("hdml", False), bool):
             raise ValueError("config key 'hdml' must be true or false")
         if kwargs.get("hdml_options") is None:
@@ -173,6 +206,23 @@ def with_rotations(dataset: ArrayDataset) -> ArrayDataset:
         ys.append(dataset.labels + quarter * n_classes)
         names += [f"{n}@rot{90 * quarter}" for n in dataset.class_names]
     return ArrayDataset(torch.cat(xs), torch.cat(ys), names)
+
+
+def build_augment(options: dict[str, float] | None) -> RandomAffine | None:
+    """:class:`~deepmetric.augment.RandomAffine` with the keyword arguments ``options`` (None:
+    no augmentation); ``ValueError`` naming a bad key."""
+    if options is None:
+        return None
+    accepted = inspect.signature(RandomAffine).parameters
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) in 'augment': {', '.join(unknown)} (accepted: {', '.join(accepted)})"
+        )
+    try:
+        return RandomAffine(**{k: float(v) for k, v in options.items()})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config key 'augment': {error}") from error
 
 
 def build_model(config: ModelConfig, sample: Tensor) -> EmbeddingNet:

@@ -25,6 +25,30 @@ With ``hdml=HDML(...)`` (:class:`deepmetric.hdml.HDML`, Zheng et al., CVPR 2019)
 synthesises hardness-aware negatives: the model must expose ``features(x)`` and
 ``embed_features(f)`` (as :class:`deepmetric.models.EmbeddingNet` does), and HDML's generator
 and classifier are trained alongside, each with its own loss.
+
+**Distributed training.** Build the trainer in every process of an initialised
+``torch.distributed`` process group (``deepmetric train --nproc N`` or ``torchrun`` start them, see
+:mod:`deepmetric._launch`); with more than one process it trains data-parallel, and a run ends with
+the weights one process would reach on the same global batches (up to float rounding):
+
+* each process takes its disjoint share of every P×K batch (:class:`PKSampler`'s rank split:
+  ``P / world_size`` classes × K samples), so the global batch is the one-process batch;
+* the model is wrapped in ``DistributedDataParallel``, its BatchNorm layers compute the global
+  batch's statistics (:mod:`deepmetric._sync_batchnorm`), the loss and the miner in
+  :class:`~deepmetric.distributed.DistributedLossWrapper` (in DDP too when it has parameters)
+  and :class:`~deepmetric.distributed.DistributedMinerWrapper`, whose gradients after DDP's
+  averaging are those of the global batch;
+* ``augment`` runs on the global batch in every process (shares gathered, the same generator) and
+  each keeps its share: the random numbers are those of one process;
+* validation is sharded: each process embeds a slice, the embeddings are gathered, the metric is
+  computed on every process and rank 0's values are broadcast, so the best-checkpoint and
+  early-stopping decisions agree;
+* only rank 0 writes (checkpoints, ``metrics.jsonl``, TensorBoard); the checkpoints hold the
+  plain model (no ``module.`` prefix) and load in one process. The sampler's position counts
+  global batches, so a run resumes from ``last.pt`` with any number of processes (every
+  process reads it: ``run_dir`` must be on a folder they all see);
+* on CUDA each process uses the current device (``torch.cuda.set_device(local_rank)``, done by
+  the launcher), whatever index ``device`` names; HDML is single-process only.
 """
 
 from __future__ import annotations
@@ -41,13 +65,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ._sync_batchnorm import convert_sync_batchnorm
 from .data import ArrayDataset
+from .distributed import (
+    DistributedLossWrapper,
+    DistributedMinerWrapper,
+    gather_rows,
+    is_distributed,
+    world_size,
+)
 from .evaluation import AccuracyCalculator
 from .hdml import HDML
+from .losses.base import BaseMetricLossFunction
+from .losses.cross_batch_memory import CrossBatchMemory
+from .miners import BaseMiner
 from .samplers import PKSampler
 
 CHECKPOINT_VERSION = 1
@@ -142,6 +179,11 @@ def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
     calculator = AccuracyCalculator(include=RETRIEVAL_METRICS, k="max_bin_count")
     scores = calculator.get_accuracy(embeddings, labels)
     return {name: float(scores[name]) for name in RETRIEVAL_METRICS}
+
+
+def process_rank() -> int:
+    """This process's rank in the default ``torch.distributed`` process group (0 without one)."""
+    return dist.get_rank() if is_distributed() else 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -276,6 +318,11 @@ class Trainer:
             only). HDML's weights, running means and optimizer state are in the checkpoint.
             The epoch's ``train_loss`` is the metric loss on the real batch (``J_m``), so it
             compares with a run without HDML; the record also holds the HDML losses' means.
+
+    Under ``torch.distributed`` with more than one process (see the module docstring), build it
+    in every process with the same arguments: ``model``, ``loss`` and ``miner`` stay the plain
+    modules (what the checkpoints hold), and the steps go through their distributed wrappers.
+    ``rank`` and ``world_size`` are this process's place in the group (0 and 1 without one).
     """
 
     def __init__(
@@ -292,13 +339,23 @@ class Trainer:
         hdml: HDML | None = None,
     ) -> None:
         self.config = config or TrainConfig()
+        self.rank, self.world_size = process_rank(), world_size()
+        self.distributed = self.world_size > 1
         self.device = resolve_device(self.config.device)
+        if self.distributed and self.device.type == "cuda":  # the launcher's choice of GPU
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if isinstance(model, DistributedDataParallel):
+            raise ValueError("pass the plain model: the Trainer wraps it in DDP itself")
+        if self.distributed and hdml is not None:
+            raise ValueError("HDML is not supported in distributed training; use one process")
         # with HDML: (hdml, model.features, model.embed_features)
         self._hdml_parts: tuple[HDML, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None
         self._hdml_parts = None if hdml is None else (hdml, *_hdml_model_parts(model, loss, hdml))
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(self.config.seed)
+        if self.distributed:  # BatchNorm over the global batch (a no-op for other layers)
+            model = convert_sync_batchnorm(model, self.device)
         self.model = model.to(self.device)
         self.loss = loss.to(self.device)
         self.hdml = hdml.to(self.device) if hdml is not None else None
@@ -309,7 +366,12 @@ class Trainer:
         self.val_set = val_set
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.sampler = PKSampler(
-            train_set.labels, p=self.config.p, k=self.config.k, seed=self.config.seed
+            train_set.labels,
+            p=self.config.p,
+            k=self.config.k,
+            seed=self.config.seed,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         self.loader = DataLoader(train_set, batch_sampler=self.sampler)
         self.optimizer = self._make_optimizer()
@@ -323,6 +385,30 @@ class Trainer:
         self.evals_without_improvement = 0
         self.history: list[dict[str, float]] = []
         self.last_hdml_losses: dict[str, float] = {}
+        # what a training step calls: the modules themselves, or their distributed wrappers
+        self._step_model, self._step_loss, self._step_miner = self._step_modules()
+
+    def _step_modules(self) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+        """``(model, loss, miner)`` for the training step. With more than one process: the model
+        in DDP; the loss in :class:`DistributedLossWrapper` (and DDP when it has parameters, which
+        keeps their copies identical); the miner in :class:`DistributedMinerWrapper`."""
+        if not self.distributed:
+            return self.model, self.loss, self.miner
+        if not isinstance(self.loss, BaseMetricLossFunction | CrossBatchMemory):
+            raise ValueError(
+                f"distributed training needs a deepmetric loss, got {type(self.loss).__name__}"
+            )
+        if self.miner is not None and not isinstance(self.miner, BaseMiner):
+            raise ValueError(
+                f"distributed training needs a deepmetric miner, got {type(self.miner).__name__}"
+            )
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        model = DistributedDataParallel(self.model, device_ids=device_ids)
+        loss: nn.Module = DistributedLossWrapper(self.loss)
+        if any(p.requires_grad for p in loss.parameters()):
+            loss = DistributedDataParallel(loss, device_ids=device_ids)
+        miner = None if self.miner is None else DistributedMinerWrapper(self.miner)
+        return model, loss, miner
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the model (``lr``, ``weight_decay``), the loss's own parameters
@@ -408,7 +494,8 @@ class Trainer:
         self.history = list(state["history"])
 
     def save(self, name: str) -> Path | None:
-        if self.run_dir is None:
+        """Write the checkpoint ``run_dir/name`` (rank 0 only; None where nothing is written)."""
+        if self.run_dir is None or self.rank != 0:
             return None
         path = self.run_dir / name
         atomic_save(self.state_dict(), path)
@@ -436,12 +523,13 @@ class Trainer:
         loss on the real batch; the step's HDML losses are left in ``last_hdml_losses``)."""
         x, labels = x.to(self.device), labels.to(self.device)
         if self.augment is not None:
-            x = self.augment(x, self.generator)
+            x = self._augmented(x)
         with self._autocast():
             if self._hdml_parts is None:
-                embeddings = self.model(x)
-                indices = self.miner(embeddings, labels) if self.miner is not None else None
-                loss = self.loss(embeddings, labels, indices)
+                embeddings = self._step_model(x)
+                miner = self._step_miner
+                indices = miner(embeddings, labels) if miner is not None else None
+                loss = self._step_loss(embeddings, labels, indices)
                 reported = loss.detach()
             else:
                 hdml, trunk_features, embed_features = self._hdml_parts
@@ -467,25 +555,94 @@ class Trainer:
         self.step += 1
         return float(reported)
 
+    def _augmented(self, x: Tensor) -> Tensor:
+        """``augment(x, generator)``; with several processes, of the global batch (the shares
+        gathered in rank order, as the one-process batch), keeping this process's share: the
+        generator draws what one process would, and stays the same on every rank."""
+        assert self.augment is not None
+        if not self.distributed:
+            return self.augment(x, self.generator)
+        share = len(x)  # PKSampler's shares are of equal size
+        global_x = torch.cat(gather_rows(x, [share] * self.world_size))
+        return self.augment(global_x, self.generator)[self.rank * share : (self.rank + 1) * share]
+
     def evaluate(self, dataset: ArrayDataset) -> dict[str, float]:
-        """Retrieval metrics of ``dataset`` against itself (self-matches excluded)."""
-        emb = embed(self.model, dataset.x, self.config.embed_batch_size, self.device)
-        return retrieval_metrics(emb, dataset.labels)
+        """Retrieval metrics of ``dataset`` against itself (self-matches excluded).
+
+        With several processes, call it on every one: each embeds its slice of ``dataset``, the
+        embeddings are gathered, and every process returns rank 0's metrics."""
+        if not self.distributed:
+            emb = embed(self.model, dataset.x, self.config.embed_batch_size, self.device)
+            return retrieval_metrics(emb, dataset.labels)
+        scores = retrieval_metrics(self._embed_sharded(dataset.x), dataset.labels)
+        values = torch.tensor(list(scores.values()), dtype=torch.float64, device=self.device)
+        dist.broadcast(values, src=0)  # identical already; this makes the decisions agree
+        return dict(zip(scores, values.tolist(), strict=True))
+
+    def _embed_sharded(self, x: Tensor) -> Tensor:
+        """``(N, ...)`` -> ``(N, E)`` embeddings on the CPU, each process embedding a slice."""
+        n, world = len(x), self.world_size
+        if n < world:
+            raise ValueError(f"cannot split {n} validation samples across {world} processes")
+        bounds = [n * r // world for r in range(world + 1)]
+        sizes = [end - start for start, end in zip(bounds, bounds[1:], strict=False)]
+        mine = x[bounds[self.rank] : bounds[self.rank + 1]]
+        local = embed(self.model, mine, self.config.embed_batch_size, self.device)
+        return torch.cat(gather_rows(local.to(self.device), sizes)).cpu()
 
     def fit(self, max_steps: int | None = None) -> list[dict[str, float]]:
         """Train until ``config.epochs`` (or early stopping, or ``max_steps`` total steps, after
         which ``last.pt`` is written so that a later ``fit`` continues exactly). Resumes from
-        ``run_dir/last.pt`` when it exists. Returns the per-epoch history."""
-        self.resume()
+        ``run_dir/last.pt`` when it exists. Returns the per-epoch history.
+
+        With several processes, call it on every one; it raises ``ValueError`` when they did not
+        resume from the same point, and ``RuntimeError`` when their weights differ at the end."""
+        resumed = self.resume()
         try:
-            return self._fit(max_steps)
+            if self.distributed:
+                self._check_processes_agree(resumed)
+            history = self._fit(max_steps)
+            if self.distributed:
+                self._check_replicas_agree()
+            return history
         finally:
             if self.writer is not None:
                 self.writer.close()
                 self.writer = None
 
+    def _check_processes_agree(self, resumed: bool) -> None:
+        """``ValueError`` on every process unless all resumed, at the same step, or none did."""
+        here = torch.tensor([[int(resumed), self.step]], device=self.device)
+        everyone = [tuple(t[0].tolist()) for t in gather_rows(here, [1] * self.world_size)]
+        if len(set(everyone)) > 1:
+            raise ValueError(
+                f"the processes disagree on where the run stands ((resumed, step) in rank order: "
+                f"{everyone}); every process must read the same run_dir/last.pt"
+            )
+
+    def _check_replicas_agree(self) -> None:
+        """``RuntimeError`` unless the model and loss parameters are identical on every process
+        (compared through per-tensor float64 sums and sums of squares)."""
+        params = [*self.model.parameters(), *self.loss.parameters()]
+        if not params:
+            return
+        mine = torch.stack(
+            [
+                s
+                for p in params
+                for s in (p.detach().double().sum(), p.detach().double().square().sum())
+            ]
+        )
+        everyone = gather_rows(mine.unsqueeze(0), [1] * self.world_size)
+        differ = [r for r, theirs in enumerate(everyone) if not torch.equal(theirs, everyone[0])]
+        if differ:
+            raise RuntimeError(
+                f"the weights of rank(s) {differ} differ from rank 0's after training "
+                "(a non-deterministic kernel, or parameters changed outside the optimizer)"
+            )
+
     def _fit(self, max_steps: int | None) -> list[dict[str, float]]:
-        self.model.train()
+        self._step_model.train()
         if self.hdml is not None:
             self.hdml.train()
         while self.epoch < self.config.epochs:
@@ -501,7 +658,7 @@ class Trainer:
                 self.loader,
                 total=len(self.sampler) - self.sampler.state_dict()["position"],
                 desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
-                disable=not self.config.progress,
+                disable=not self.config.progress or self.rank != 0,
                 leave=False,
             )
             for x, labels in bar:
@@ -543,8 +700,9 @@ class Trainer:
 
     def _log(self, record: dict[str, float]) -> None:
         """Append the epoch's record to ``metrics.jsonl`` and, when TensorBoard is installed
-        (and ``config.tensorboard``), write its values as scalars at step ``epoch``."""
-        if self.run_dir is None:
+        (and ``config.tensorboard``), write its values as scalars at step ``epoch`` (rank 0
+        only)."""
+        if self.run_dir is None or self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "metrics.jsonl").open("a") as f:

@@ -115,6 +115,9 @@ class BaseMetricLossFunction(nn.Module):
 
     # Proxy and classification losses need labels even when a miner's indices_tuple is given.
     requires_labels = False
+    # Pair-based losses compare queries with references (``ref_emb``, a cross-batch memory,
+    # another rank's shard); the proxy and classification losses compare with class weights.
+    supports_ref_emb = True
 
     def __init__(
         self,

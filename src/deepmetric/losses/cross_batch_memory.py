@@ -22,7 +22,6 @@ from .._pairs import pairs_from_masks, pairs_to_triplets, to_pairs
 from ..miners import BaseMiner, IndicesTuple
 from ..reducers import zero_loss
 from .base import BaseMetricLossFunction, Batch, prepare_batch
-from .proxy import ClassWeightLoss
 
 # ---------------------------------------------------------------------------------------------
 # Excluding each query's own copy from its positives
@@ -124,7 +123,7 @@ def mine_excluding_self(
 def supports_ref_emb(loss: nn.Module) -> bool:
     """True for a deepmetric loss that compares queries with a separate reference set (every
     pair-based loss; not the proxy and classification losses, which learn class weights)."""
-    return isinstance(loss, BaseMetricLossFunction) and not isinstance(loss, ClassWeightLoss)
+    return isinstance(loss, BaseMetricLossFunction) and loss.supports_ref_emb
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ class ClassWeightLoss(BaseMetricLossFunction):
     """
 
     requires_labels = True
+    supports_ref_emb = False
 
     def __init__(
         self,
