@@ -39,7 +39,7 @@ from ._launch import (
     process_group,
     start_processes,
 )
-from .cli_index import add_index_commands
+from .cli_index import add_index_commands, load_run
 from .data import ArrayDataset, load_omniglot_runs, split_by_class
 from .runs import (
     PROJECTIONS,
@@ -481,18 +481,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(run_dir: Path, checkpoint: str) -> tuple[RunConfig, nn.Module]:
-    config = load_config(run_dir / "config.yaml")
-    state = load_checkpoint(run_dir / checkpoint)
-    dataset = load_dataset(config.dataset, config.image_size)
-    model = build_model(config.model, dataset.x[0])
-    model.load_state_dict(state["model"])
-    return config, model.eval()
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
-    config, model = _load_run(run_dir, args.checkpoint)
+    run = load_run(run_dir, args.checkpoint)
+    config, model = run.config, run.model
     if args.dataset:
         test_set = load_dataset(args.dataset, config.image_size)
     else:
@@ -501,17 +493,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             dataset.labels, config.test_classes, config.val_classes, seed=config.split_seed
         )
         test_set = dataset.subset(split.test)
-    metrics = retrieval_metrics(embed(model, test_set.x), test_set.labels)
+    metrics: dict[str, float] = {}
+    if len(test_set):  # (the one-shot benchmark holds out no test classes)
+        metrics = retrieval_metrics(embed(model, test_set.x), test_set.labels)
     if config.dataset == "omniglot" and not args.dataset:
         runs = load_omniglot_runs(config.image_size)
         accuracies = one_shot_accuracies(lambda x: embed(model, x), runs)
         metrics["one_shot_20_way"] = sum(accuracies) / len(accuracies)
+    if not metrics:
+        raise ValueError(f"{run_dir} holds out no test classes: name a dataset with --dataset")
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    config, model = _load_run(Path(args.run), args.checkpoint)
+    run = load_run(args.run, args.checkpoint)
+    config, model = run.config, run.model
     dataset = load_dataset(args.dataset or config.dataset, config.image_size)
     emb = embed(model, dataset.x).numpy()
     out = Path(args.out)
