@@ -47,8 +47,7 @@ from .runs import RunConfig, build_model, load_config, load_dataset
 from .training import load_checkpoint
 from .verification import (
     VerificationResult,
-    evaluate_verification,
-    make_pairs,
+    evaluate_labelled_set,
     pair_distances,
     plot_verification,
 )
@@ -331,18 +330,13 @@ def calibrate(
     the Euclidean distance of their embeddings and compute the verification metrics."""
     if pairs < 1:
         raise ValueError(f"--pairs must be a positive integer, got {pairs}")
-    _, counts = np.unique(dataset.labels.numpy(), return_counts=True)
-    genuine_total = int((counts * (counts - 1) // 2).sum())
-    impostor_total = len(dataset) * (len(dataset) - 1) // 2 - genuine_total
-    if genuine_total == 0 or impostor_total == 0:
-        raise ValueError(
-            "verification needs a class with two or more samples and at least two classes"
-        )
-    first, second, same = make_pairs(
-        dataset.labels, min(pairs, genuine_total), min(pairs, impostor_total), seed=seed
+    return evaluate_labelled_set(
+        _embed(run, dataset.x),
+        dataset.labels,
+        max_pairs=pairs,
+        seed=seed,
+        target_fprs=(target_fpr,),
     )
-    distances = pair_distances(_embed(run, dataset.x), first, second)
-    return evaluate_verification(distances, same, target_fprs=(target_fpr,))
 
 
 def _print_calibration(result: VerificationResult, spec: str) -> None:

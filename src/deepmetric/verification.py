@@ -468,12 +468,22 @@ def plot_verification(result: VerificationResult, path: str | Path) -> Path:
     hist.set_title(f"best accuracy {result.best_accuracy:.2%}")
     hist.legend(fontsize="small")
 
-    roc.plot(result.fpr, result.tpr, label=f"ROC (AUC {result.auc:.4f})")
-    roc.plot([0, 1], [0, 1], color="gray", ls=":", lw=1)
-    roc.plot([result.eer], [1 - result.eer], "o", color="C3", label=f"EER {result.eer:.2%}")
-    roc.set_xlabel("false accept rate (FPR)")
+    # a logarithmic FPR axis shows the low false-accept rates a verification gate runs at
+    smallest = 1.0 / max(1, len(result.impostor))
+    roc.plot(np.maximum(result.fpr, smallest), result.tpr, label=f"ROC (AUC {result.auc:.4f})")
+    chance = np.logspace(np.log10(smallest), 0, 50)
+    roc.plot(chance, chance, color="gray", ls=":", lw=1)
+    roc.plot(
+        [max(result.eer, smallest)],
+        [1 - result.eer],
+        "o",
+        color="C3",
+        label=f"EER {result.eer:.2%}",
+    )
+    roc.set_xscale("log")
+    roc.set_xlabel("false accept rate (FPR, log scale)")
     roc.set_ylabel("true accept rate (TPR)")
-    roc.set_xlim(0, 1)
+    roc.set_xlim(smallest, 1)
     roc.set_ylim(0, 1.01)
     roc.set_title(", ".join(f"TPR@{fpr:g} = {tpr:.3f}" for fpr, tpr in result.tpr_at_fpr.items()))
     roc.legend(loc="lower right", fontsize="small")
