@@ -456,3 +456,23 @@ def test_random_batches_give_finite_values_and_gradients(
         labels = torch.randint(0, n_classes, (batch,), generator=g)
         value, grad = _value_and_grad(cbm, emb, labels)
         assert math.isfinite(value) and bool(torch.isfinite(grad).all())
+
+
+def test_pml_state_dict_loads_strictly_and_fills_the_memory() -> None:
+    g = torch.Generator().manual_seed(5)
+    theirs = pml_losses.CrossBatchMemory(
+        pml_losses.ContrastiveLoss(), embedding_size=8, memory_size=16
+    )
+    theirs(torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g))
+    ours = CrossBatchMemory(ContrastiveLoss(), embedding_size=8, memory_size=16)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
+    torch.testing.assert_close(ours.label_memory, theirs.label_memory)
+    assert ours.queue_idx == 0 and not ours.has_been_filled  # PML's position is not saved
+    # our own state_dict still round-trips the position, and a missing memory is an error
+    ours(torch.randn(5, 8, generator=g), torch.randint(0, 3, (5,), generator=g))
+    again = CrossBatchMemory(ContrastiveLoss(), embedding_size=8, memory_size=16)
+    again.load_state_dict(ours.state_dict(), strict=True)
+    assert again.queue_idx == 5
+    with pytest.raises(RuntimeError, match="queue_position"):
+        again.load_state_dict({"label_memory": ours.label_memory}, strict=True)

@@ -13,6 +13,7 @@ its streamed ``O(B·R)`` path (no index tuple of all triplets is ever built for 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -228,6 +229,27 @@ class CrossBatchMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """A PML ``CrossBatchMemory`` state_dict (the two memories, no queue position: PML keeps
+        that in a plain attribute) loads with ``strict=True``; the queue position and fill
+        state are then left as they are, as PML leaves its own."""
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "embedding_memory" in state_dict:
+            for name in ("queue_position", "queue_full"):
+                if prefix + name not in state_dict and prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
 
     def forward(
         self,
