@@ -28,10 +28,17 @@ other jobs, spinning threads steal the cores they wait for, which slows every pa
 several-fold (PML's few large calls less than deepmetric's many small ones); on a dedicated
 machine the policy makes little difference.
 
+**memory at scale** (``--memory-at``, deepmetric only): ``--memory-queries`` (10k) queries ranked
+against all N references (the queries among them, ``ref_includes_query=True``) at each N of the
+list, one fresh process each, with its wall time and peak memory over the data: the exact top-k
+is streamed over chunks of the references, so the peak stays flat as N grows (1M × 128 included),
+while the N × N self-retrieval of that N would only take longer, not more memory.
+
 Run from the repository root::
 
     python benchmarks/evaluation.py --quick     # N = 10k only
     python benchmarks/evaluation.py             # N = 10k, 50k, 200k
+    python benchmarks/evaluation.py --sizes 50000,200000 --memory-at 100000,1000000
 
 Results go to ``benchmarks/results/evaluation.json`` with a description of the machine.
 """
@@ -104,6 +111,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         if spec["task"] == "matmul":
             bare_matmul(x)
+        elif spec.get("queries"):  # memory at scale: queries against all N references
+            q = spec["queries"]
+            result = calc.get_accuracy(x[:q], labels[:q], x, labels, ref_includes_query=True)
+            values = {name: float(v) for name, v in result.items()}
         else:
             values = {name: float(v) for name, v in calc.get_accuracy(x, labels).items()}
     except Exception as exc:  # out of memory and the like: recorded, not fatal
@@ -153,6 +164,18 @@ def run_size(args: argparse.Namespace, n: int) -> dict[str, Any]:
         seconds, bare = row[task]["median_seconds"], row["matmul"]["median_seconds"]
         row[task]["vs_matmul"] = seconds / bare if seconds and bare else None
     return row
+
+
+def run_memory_at(args: argparse.Namespace, n: int) -> dict[str, Any]:
+    """deepmetric alone: ``--memory-queries`` queries against all ``n`` references, in one
+    fresh process with the memory settings (time and peak memory of that one call)."""
+    spec = {"n": n, "dim": args.dim, "classes": args.classes, "seed": 0}
+    spec.update(task="deepmetric", queries=min(n, args.memory_queries))
+    env = {**MEMORY_ENV, "OMP_WAIT_POLICY": args.wait_policy}
+    result = run_worker(__file__, spec, args.timeout, args.threads, env)
+    print(f"  N={n} {spec['queries']} queries, deepmetric: {summary(result)}", flush=True)
+    data_mb = n * (args.dim * 4 + 8) / 2**20
+    return {"n": n, "queries": spec["queries"], "data_mb": data_mb, **result}
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -211,6 +234,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="'equal' up to this")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--memory-at",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[],
+        help="also: deepmetric's time and peak memory for --memory-queries queries against "
+        "each of these N references",
+    )
+    parser.add_argument("--memory-queries", type=int, default=10_000)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sizes is None:
@@ -224,8 +255,26 @@ def main(argv: list[str] | None = None) -> None:
         emit_result(worker(json.loads(args.worker)))
         return
     rows = [run_size(args, n) for n in args.sizes]
+    at_scale = [run_memory_at(args, n) for n in args.memory_at]
     print()
     print(table(rows))
+    if at_scale:
+        print()
+        print(
+            format_table(
+                ["N references", "queries", "data MiB", "seconds", "peak MiB over the data"],
+                [
+                    [
+                        f"{r['n']:,}",
+                        f"{r['queries']:,}",
+                        f"{r['data_mb']:.0f}",
+                        fmt(r.get("seconds"), ".1f"),
+                        fmt(r.get("peak_mb"), ".0f") if r.get("status") == "ok" else r["status"],
+                    ]
+                    for r in at_scale
+                ],
+            )
+        )
     payload = {
         "machine": machine_info(args.threads, "cpu"),
         "settings": {
@@ -238,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             "tolerance": args.tolerance,
         },
         "cases": rows,
+        "memory_at_scale": at_scale,
     }
     write_json(args.output, payload)
     print(f"\nwritten to {args.output}")
