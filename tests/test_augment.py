@@ -107,7 +107,7 @@ def test_run_config_key_builds_the_augmentation() -> None:
     config = RunConfig.from_dict({"augment": {"rotation": 5, "shear": 0}})
     augment = build_augment(config.augment)
     assert isinstance(augment, RandomAffine)
-    assert (augment.rotation, augment.shear, augment.scale) == (5.0, 0.0, 0.1)
+    assert (augment.rotation, augment.shear, augment.scale) == (5.0, 0.0, 0.15)
     assert build_augment(RunConfig.from_dict({}).augment) is None
     with pytest.raises(ValueError, match="unknown key.*'augment'.*angle"):
         RunConfig.from_dict({"augment": {"angle": 5}})
@@ -127,3 +127,73 @@ def test_command_line_flag_sets_and_clears_the_augmentation() -> None:
     assert defaults.augment == {}
     off = config_from_args(parser.parse_args(["train", "--augment", "null"]))
     assert off.augment is None
+
+
+def _small_model() -> torch.nn.Module:
+    from deepmetric.models import EmbeddingNet, SmallConvNet
+
+    torch.manual_seed(0)
+    return EmbeddingNet(SmallConvNet(1, 8, 2), 8, embedding_size=6).eval()
+
+
+def test_embed_augmented_is_the_mean_of_the_copies() -> None:
+    from deepmetric.augment import embed_augmented
+
+    model = _small_model()
+    x = torch.rand(7, 1, 16, 16)
+    augment = RandomAffine()
+    ours = embed_augmented(model, x, augment, copies=3, seed=11, batch_size=4)
+    # the obvious loop: the image, then three distorted copies drawn in turn from the seed
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        embeddings = [model(x)] + [model(augment(x, generator)) for _ in range(3)]
+    expected = torch.nn.functional.normalize(torch.stack(embeddings).mean(0), dim=1)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    again = embed_augmented(model, x, augment, copies=3, seed=11)
+    torch.testing.assert_close(again, ours, rtol=1e-5, atol=1e-6)
+    assert model.training is False
+
+
+def test_embed_augmented_without_copies_or_distortion_is_the_plain_embedding() -> None:
+    from deepmetric.augment import embed_augmented
+    from deepmetric.training import embed
+
+    model = _small_model()
+    x = torch.rand(5, 1, 16, 16)
+    plain = embed(model, x)  # the model L2-normalises
+    torch.testing.assert_close(embed_augmented(model, x, RandomAffine(), copies=0), plain)
+    identity = RandomAffine(0, 0, 0, 0)
+    torch.testing.assert_close(
+        embed_augmented(model, x, identity, copies=4), plain, rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="copies"):
+        embed_augmented(model, x, identity, copies=-1)
+
+
+def test_test_time_augment_needs_augment_and_a_count() -> None:
+    from deepmetric.runs import RunConfig
+
+    assert RunConfig.from_dict({"augment": {}, "test_time_augment": 4}).test_time_augment == 4
+    with pytest.raises(ValueError, match="needs the distortions"):
+        RunConfig.from_dict({"test_time_augment": 4})
+    with pytest.raises(ValueError, match="int >= 0"):
+        RunConfig.from_dict({"augment": {}, "test_time_augment": -2})
+
+
+def test_train_with_augmentation_scores_the_test_time_augmented_network(tmp_path) -> None:
+    import json
+
+    from deepmetric.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--test-classes", "0.4", "--val-classes", "0"]
+    args += ["--rotations", "false", "--epochs", "1", "--p", "3", "--k", "8", "--no-progress"]
+    args += ["--set", "model.channels=8", "--set", "model.blocks=2", "--out", str(out)]
+    assert main([*args, "--augment", "{rotation: 5}", "--test-time-augment", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [row["embedding"] for row in results["table"]]
+    assert names[:3] == ["raw pixels", "untrained network", "trained network"]
+    assert names[3] == "trained + test-time augmentation (2 copies)"
+    assert 0.0 <= results["table"][3]["Recall@1"] <= 1.0
+    # the verdict is about the network as trained, not about the test-time augmentation
+    assert f"Recall@1 {results['table'][2]['Recall@1']:.3f} vs" in results["verdict"]

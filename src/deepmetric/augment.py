@@ -1,4 +1,5 @@
-"""Batch augmentation for the trainer: random affine distortions of small images.
+"""Augmentation of small images: random affine distortions for training, and test-time
+augmentation for embedding.
 
 Koch et al. (2015) trained their one-shot Siamese networks on Omniglot with small random affine
 distortions of every training image (rotation, shear, scale, translation); for a few hundred
@@ -8,6 +9,11 @@ independent distortion to each image of a batch, on whatever device the batch is
 given, so that the trainer's exact resume covers it::
 
     trainer = Trainer(model, loss, train_set, augment=RandomAffine(rotation=15))
+
+At test time the same distortions can average out what one drawing of a character leaves to
+chance: :func:`embed_augmented` embeds each image together with ``copies`` distorted versions of
+it and takes the mean (test-time augmentation). Each image is embedded on its own — nothing is
+shared between the images of a query set — so it applies wherever a single embedding would.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from .training import embed
 
 
 class RandomAffine:
@@ -30,6 +38,9 @@ class RandomAffine:
 
     Shapes: ``(N, C, H, W)`` float images -> the same shape and dtype.
 
+    The defaults are the distortions that raised 20-way one-shot accuracy on Omniglot's small
+    background sets most in this project's measurements (``deepmetric oneshot``).
+
     Args:
         rotation: largest rotation, degrees.
         shear: largest horizontal shear factor.
@@ -39,10 +50,10 @@ class RandomAffine:
 
     def __init__(
         self,
-        rotation: float = 10.0,
-        shear: float = 0.2,
-        scale: float = 0.1,
-        translate: float = 0.1,
+        rotation: float = 15.0,
+        shear: float = 0.3,
+        scale: float = 0.15,
+        translate: float = 0.075,
     ) -> None:
         for name, value in (
             ("rotation", rotation),
@@ -92,3 +103,30 @@ class RandomAffine:
         theta = self.matrices(len(x), generator).to(device=x.device, dtype=x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@torch.no_grad()
+def embed_augmented(
+    model: nn.Module,
+    x: Tensor,
+    augment: RandomAffine,
+    copies: int = 16,
+    seed: int = 0,
+    batch_size: int = 512,
+    normalize: bool = True,
+) -> Tensor:
+    """Test-time augmentation: the mean embedding of each image and ``copies`` random
+    distortions of it (``augment``, drawn from a generator seeded with ``seed``: the same call
+    gives the same embeddings), L2-normalised again when ``normalize``.
+
+    Shapes: ``(N, C, H, W)`` images -> ``(N, E)`` float32 embeddings on the CPU (the model runs in
+    evaluation mode on its own device, in batches of ``batch_size``).
+    """
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+        raise ValueError(f"copies must be an int >= 0, got {copies!r}")
+    generator = torch.Generator().manual_seed(seed)
+    total = embed(model, x, batch_size)
+    for _ in range(copies):
+        total += embed(model, augment(x, generator), batch_size)
+    mean = total / (copies + 1)
+    return F.normalize(mean, dim=1) if normalize else mean

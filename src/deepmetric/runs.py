@@ -10,6 +10,8 @@ A config file names every part; any key left out takes its default::
     rotations: true            # rotated copies (90/180/270°) as extra training classes
     augment: null              # random affine distortions of training images: a mapping of
                                # deepmetric.augment.RandomAffine's arguments ({} = defaults)
+    test_time_augment: 0       # also score the trained network on the mean embedding of each
+                               # image and this many distorted copies (needs augment)
     model: {channels: 64, embedding_size: 128}
     loss: {name: TripletMarginLoss, margin: 0.1}
     miner: {name: MultiSimilarityMiner, epsilon: 0.1}
@@ -70,6 +72,7 @@ class RunConfig:
     val_classes: float = 0.1
     rotations: bool = True
     augment: dict[str, float] | None = None
+    test_time_augment: int = 0
     split_seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: dict[str, Any] = field(
@@ -85,6 +88,11 @@ class RunConfig:
     out: str = "runs/train"
 
     def __post_init__(self) -> None:
+        copies = self.test_time_augment
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:
+            raise ValueError(f"config key 'test_time_augment' must be an int >= 0, got {copies!r}")
+        if copies and self.augment is None:
+            raise ValueError("config key 'test_time_augment' needs the distortions of 'augment'")
         if self.projection not in PROJECTIONS:
             raise ValueError(
                 f"config key 'projection' must be one of {', '.join(PROJECTIONS)}, "
