@@ -17,6 +17,9 @@ Every miner reads one ``(B, R)`` distance matrix, computed without autograd, and
 masks of :mod:`deepmetric._pairs`. Each is a plain function of that matrix and those masks (the
 functional core, usable on its own) wrapped by a thin :class:`BaseMiner` subclass. Triplets are
 enumerated one block of positive pairs at a time, never through a ``B×R×R`` cube.
+:class:`PairMarginMiner` and :class:`BatchHardMiner` go further for the common distances: they
+compute the matrix one block of rows at a time and never hold it, nor the masks, whole (see
+:meth:`BaseMiner.mine_batch`); the result is the same.
 
 Beyond PML, the pair miners take ``max_neg_per_pos``: keep at most that many negative pairs per
 positive pair (the hardest ones), see :func:`cap_negative_pairs`.
@@ -31,6 +34,14 @@ from torch import Tensor, nn
 
 from ._pairs import CHUNK_ELEMENTS, pairs_from_masks, positive_pair_chunks, sample_in_rows
 from .distances import BaseDistance, CosineSimilarity, LpDistance
+from .losses._blockwise import (
+    MatrixBlocks,
+    MatrixKind,
+    PairBlocks,
+    full_precision,
+    fused_matrix_kind,
+    normalized_inputs,
+)
 from .losses.base import Batch, prepare_batch
 
 __all__ = [
@@ -105,14 +116,19 @@ class BaseMiner(nn.Module):
             raise ValueError("miners need labels")
         batch = prepare_batch(embeddings, labels, None, ref_emb, ref_labels)
         with torch.no_grad():
-            mat = self.distance(batch.embeddings, None if batch.same_source else batch.ref_emb)
-            pos_mask, neg_mask = batch.masks()
-            output = self.mine(mat, pos_mask, neg_mask, batch)
+            output = self.mine_batch(batch)
         if len(output) == 3:
             self.num_triplets = len(output[0])
         else:
             self.num_pos_pairs, self.num_neg_pairs = len(output[0]), len(output[2])
         return output
+
+    def mine_batch(self, batch: Batch) -> IndicesTuple:
+        """Mine a validated batch (gradients off): :meth:`mine` on the whole ``(B, R)`` matrix
+        and label masks. A miner that can work one block of rows at a time overrides this."""
+        mat = self.distance(batch.embeddings, None if batch.same_source else batch.ref_emb)
+        pos_mask, neg_mask = batch.masks()
+        return self.mine(mat, pos_mask, neg_mask, batch)
 
     def mine(self, mat: Tensor, pos_mask: Tensor, neg_mask: Tensor, batch: Batch) -> IndicesTuple:
         """Select from the ``(B, R)`` matrix and the boolean ``(B, R)`` label masks."""
@@ -143,13 +159,21 @@ def cap_negative_pairs(
     Shapes: ``mat`` ``(B, R)``; each index tensor 1-D.
     """
     _check_max_neg_per_pos(max_neg_per_pos)
-    a1, p, a2, n = pairs
     if max_neg_per_pos is None:
         return pairs
+    _, _, a2, n = pairs
+    return _cap_negatives_by_distance(mat[a2, n], pairs, max_neg_per_pos, is_inverted)
+
+
+def _cap_negatives_by_distance(
+    neg_dists: Tensor, pairs: Pairs, max_neg_per_pos: int, is_inverted: bool
+) -> Pairs:
+    """:func:`cap_negative_pairs`, given the ``(N,)`` distances of the negative pairs."""
+    a1, p, a2, n = pairs
     n_keep = min(max_neg_per_pos * len(a1), len(a2))
     if n_keep == len(a2):
         return pairs
-    hardest = torch.topk(mat[a2, n], n_keep, largest=is_inverted, sorted=False).indices
+    hardest = torch.topk(neg_dists, n_keep, largest=is_inverted, sorted=False).indices
     keep = torch.sort(hardest).values
     return a1, p, a2[keep], n[keep]
 
@@ -422,6 +446,57 @@ class BatchEasyHardMiner(BaseMiner):
         return f"pos_strategy={self.pos_strategy!r}, neg_strategy={self.neg_strategy!r}"
 
 
+def batch_hard_triplets_blockwise(
+    kind: MatrixKind,
+    distance: BaseDistance,
+    batch: Batch,
+    allowed_pos_range: tuple[float, float] | None = None,
+    allowed_neg_range: tuple[float, float] | None = None,
+) -> Triplets:
+    """The triplets of :func:`batch_easy_hard_pairs` with ``"hard"`` for both strategies (each
+    anchor's farthest positive and closest negative) over the matrix of ``distance`` (a fusable
+    ``kind``, see :func:`~deepmetric.losses._blockwise.fused_matrix_kind`), computed one block of
+    rows at a time from the embeddings: neither the whole matrix nor the label masks are built.
+    Ties are broken as :func:`pick_per_row` breaks them.
+
+    Shapes: three ``(T,)`` int64 tensors, ``T <= B``, by anchor.
+    """
+    if len(batch.ref_emb) == 0:
+        return _empty_triplets(batch.embeddings.device)
+    # the hardest positive is the largest distance (smallest similarity), the hardest negative
+    # the smallest distance; entries that do not compete get the losing extreme
+    pos_largest = not distance.is_inverted
+    pos_fill = -math.inf if pos_largest else math.inf
+    neg_fill = -pos_fill
+    query, ref = normalized_inputs(distance, batch)
+    matrix = MatrixBlocks(kind, query, ref, batch.same_source)
+    pairs = PairBlocks(batch)
+    parts: tuple[list[Tensor], ...] = ([], [], [])
+    for start, stop in matrix.bounds():
+        mat = matrix.rows(start, stop)
+        block = pairs.block(mat, start, stop)
+        pos_vals = mat.new_full(mat.shape, pos_fill)
+        pos_vals[block.pos_rows, block.pos_cols] = mat[block.pos_rows, block.pos_cols]
+        neg_vals = mat  # no longer needed as such: overwritten in place
+        for vals, allowed, fill in (
+            (pos_vals, allowed_pos_range, pos_fill),
+            (neg_vals, allowed_neg_range, neg_fill),
+        ):
+            if allowed is not None:
+                low, high = allowed
+                vals.masked_fill_((vals < low) | (vals > high), fill)
+        block.fill_non_negatives_(neg_vals, neg_fill)
+        pos_values, pos_cols = pos_vals.max(dim=1) if pos_largest else pos_vals.min(dim=1)
+        neg_values, neg_cols = neg_vals.min(dim=1) if pos_largest else neg_vals.max(dim=1)
+        rows = torch.where((pos_values != pos_fill) & (neg_values != neg_fill))[0]
+        for part, found in zip(parts, (rows + start, pos_cols[rows], neg_cols[rows]), strict=True):
+            part.append(found)
+    if not parts[0]:  # an empty batch
+        return _empty_triplets(batch.embeddings.device)
+    a, p, n = (torch.cat(part) for part in parts)
+    return a, p, n
+
+
 class BatchHardMiner(BatchEasyHardMiner):
     """For every anchor with a positive and a negative, the triplet of its farthest positive and
     its closest negative ("batch hard").
@@ -447,6 +522,15 @@ class BatchHardMiner(BatchEasyHardMiner):
             allowed_neg_range=allowed_neg_range,
             distance=distance,
         )
+
+    def mine_batch(self, batch: Batch) -> IndicesTuple:
+        kind = fused_matrix_kind(self.distance)
+        if kind is None:
+            return super().mine_batch(batch)
+        with full_precision(batch.embeddings.device):
+            return batch_hard_triplets_blockwise(
+                kind, self.distance, batch, self.allowed_pos_range, self.allowed_neg_range
+            )
 
     def mine(self, mat: Tensor, pos_mask: Tensor, neg_mask: Tensor, batch: Batch) -> Triplets:
         a, p, _, n = batch_easy_hard_pairs(
@@ -557,6 +641,50 @@ def pair_margin_pairs(
     return pairs_from_masks(pos_mask & (mat > pos_margin), neg_mask & (mat < neg_margin))
 
 
+def pair_margin_pairs_blockwise(
+    kind: MatrixKind,
+    distance: BaseDistance,
+    batch: Batch,
+    pos_margin: float,
+    neg_margin: float,
+) -> tuple[Pairs, Tensor]:
+    """:func:`pair_margin_pairs` over the matrix of ``distance`` (a fusable ``kind``, see
+    :func:`~deepmetric.losses._blockwise.fused_matrix_kind`), computed one block of rows at a
+    time from the embeddings: neither the whole matrix nor the label masks are built. Also
+    returns the distances of the negative pairs (for :func:`cap_negative_pairs`).
+
+    Shapes: four 1-D int64 tensors, row-major, and ``(N,)`` distances.
+    """
+    inverted = distance.is_inverted
+    query, ref = normalized_inputs(distance, batch)
+    matrix = MatrixBlocks(kind, query, ref, batch.same_source)
+    pairs = PairBlocks(batch)
+    parts: tuple[list[Tensor], ...] = ([], [], [], [], [])
+    for start, stop in matrix.bounds():
+        mat = matrix.rows(start, stop)
+        block = pairs.block(mat, start, stop)
+        pos_dists = mat[block.pos_rows, block.pos_cols]
+        keep = pos_dists < pos_margin if inverted else pos_dists > pos_margin
+        candidates = mat > neg_margin if inverted else mat < neg_margin
+        rows, cols = torch.where(block.fill_non_negatives_(candidates, False))
+        for part, found in zip(
+            parts,
+            (
+                block.pos_rows[keep] + start,
+                block.pos_cols[keep],
+                rows + start,
+                cols,
+                mat[rows, cols],
+            ),
+            strict=True,
+        ):
+            part.append(found)
+    if not parts[0]:  # an empty batch
+        return _empty_pairs(query.device), query.new_empty(0)
+    a1, p, a2, n, neg_dists = (torch.cat(part) for part in parts)
+    return (a1, p, a2, n), neg_dists
+
+
 class PairMarginMiner(BaseMiner):
     """The pairs that violate a contrastive margin: positives farther than ``pos_margin``,
     negatives closer than ``neg_margin``.
@@ -583,6 +711,20 @@ class PairMarginMiner(BaseMiner):
         self.pos_margin = pos_margin
         self.neg_margin = neg_margin
         self.max_neg_per_pos = max_neg_per_pos
+
+    def mine_batch(self, batch: Batch) -> IndicesTuple:
+        kind = fused_matrix_kind(self.distance)
+        if kind is None:
+            return super().mine_batch(batch)
+        with full_precision(batch.embeddings.device):
+            pairs, neg_dists = pair_margin_pairs_blockwise(
+                kind, self.distance, batch, self.pos_margin, self.neg_margin
+            )
+        if self.max_neg_per_pos is None:
+            return pairs
+        return _cap_negatives_by_distance(
+            neg_dists, pairs, self.max_neg_per_pos, self.distance.is_inverted
+        )
 
     def mine(self, mat: Tensor, pos_mask: Tensor, neg_mask: Tensor, batch: Batch) -> Pairs:
         inverted = self.distance.is_inverted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,9 +11,18 @@ from typing_extensions import Unpack
 
 from ..distances import BaseDistance, CosineSimilarity
 from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict
+from ._blockwise import (
+    RowBlock,
+    blockwise_row_losses,
+    pair_blocks_to_learn_from,
+    row_softmax_,
+    sparse_softmax,
+)
 from ._logsumexp import masked_logsumexp
 from .base import BaseMetricLossFunction, Batch, LossOptions
-from .multi_similarity import pair_masks_to_learn_from
+
+# F.softplus (and PML's nn.Softplus) is the identity above this, with a slope of exactly 1.
+_SOFTPLUS_THRESHOLD = 20.0
 
 
 def circle_row_losses(
@@ -42,6 +53,33 @@ def circle_row_losses(
     neg_lse, has_neg = masked_logsumexp(gamma * weight_n * (sim - m), neg_mask)
     losses = F.softplus(pos_lse + neg_lse)
     return torch.where(has_pos & has_neg, losses, torch.zeros_like(losses))
+
+
+def circle_row_losses_and_grad(block: RowBlock, m: float, gamma: float) -> tuple[Tensor, Tensor]:
+    """The losses of :func:`circle_row_losses` for the rows of ``block`` and, in closed form,
+    their gradient with respect to the similarities ``block.mat``: with ``z`` the argument of the
+    softplus and ``w`` the softmax weights of each log-sum-exp, ``sigmoid(z) · w · (-γ α_p)`` for
+    a positive and ``sigmoid(z) · w · γ α_n`` for a negative (the weights ``α`` held constant); 0
+    in a row without a positive or without a negative.
+
+    Shapes: ``block.mat`` ``(c, R)`` -> ``(c,)`` losses, ``(c, R)`` gradient.
+    """
+    sim, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    weight_n = (sim + m).clamp_min_(0)
+    neg_exponent = (sim - m).mul_(weight_n).mul_(gamma)
+    neg_lse, grad = row_softmax_(block.fill_non_negatives_(neg_exponent, -math.inf), with_one=False)
+    pos_sim = sim[rows, cols]
+    weight_p = ((1 + m) - pos_sim).clamp_min_(0)
+    pos_lse, pos_weight = sparse_softmax(
+        -gamma * weight_p * (pos_sim - (1 - m)), rows, len(sim), with_one=False
+    )
+    z = pos_lse + neg_lse  # -inf for a row without a positive or without a negative
+    has_both = torch.isfinite(z)
+    losses = torch.where(has_both, F.softplus(z), 0.0)
+    slope = torch.where(z > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(z)) * has_both
+    grad.mul_(weight_n.mul_(gamma * slope.unsqueeze(1)))
+    grad[rows, cols] = pos_weight * (-gamma * weight_p * slope[rows])  # positives: were 0
+    return losses, grad
 
 
 class CircleLoss(BaseMetricLossFunction):
@@ -82,10 +120,17 @@ class CircleLoss(BaseMetricLossFunction):
         return AvgNonZeroReducer()
 
     def compute_loss(self, batch: Batch) -> LossDict:
-        masks = pair_masks_to_learn_from(batch)
-        if masks is None:
+        pairs = pair_blocks_to_learn_from(batch)
+        if pairs is None:
             return self.zero_losses()
-        sim = self.distance(batch.embeddings, batch.ref_emb)
-        losses = circle_row_losses(sim, *masks, self.m, self.gamma)
+        if pairs.contradicting:
+            raise ValueError("indices_tuple names the same pair as both a positive and a negative")
+        losses = blockwise_row_losses(batch, self.distance, self._row_rule, pairs)
+        if losses is None:  # a similarity the blockwise path does not compute
+            sim = self.distance(batch.embeddings, batch.ref_emb)
+            losses = circle_row_losses(sim, *batch.masks(), self.m, self.gamma)
         rows = torch.arange(len(losses), device=losses.device)
         return {"loss": {"losses": losses, "indices": rows, "reduction_type": "element"}}
+
+    def _row_rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
+        return circle_row_losses_and_grad(block, self.m, self.gamma)

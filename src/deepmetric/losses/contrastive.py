@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
@@ -15,6 +19,22 @@ from ..reducers import (
     SelectingReducer,
     reduce_masked,
     reduces_by_selection,
+)
+from ._blockwise import (
+    MatrixBlocks,
+    MatrixKind,
+    PairBlocks,
+    RowBlock,
+    add_block_embedding_grads_,
+    add_pair_embedding_grads_,
+    embedding_weight_,
+    few_pairs,
+    first_order_only,
+    full_precision,
+    fused_matrix_kind,
+    normalized_inputs,
+    pair_distances,
+    selects_elementwise,
 )
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
@@ -31,6 +51,141 @@ def contrastive_pair_losses(
     pos = F.relu(distance.margin(pos_dists, pos_margin))
     neg = F.relu(distance.margin(neg_margin, neg_dists))
     return pos, neg
+
+
+def contrastive_block_sums_and_grads(
+    block: RowBlock,
+    pos_margin: float,
+    neg_margin: float,
+    distance: BaseDistance,
+    select: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """For the rows of ``block``: the sums of the positive and of the negative pair losses of
+    :func:`contrastive_pair_losses` that ``select`` keeps (a reducer's elementwise choice), how
+    many it keeps, and the gradient of each sum with respect to ``block.mat``.
+
+    Returns ``(pos_sum, pos_selected, pos_grad, neg_sum, neg_selected, neg_grad)``: scalars, the
+    ``(P,)`` gradient at the positive entries of ``block`` (in its order) and the dense ``(c, R)``
+    gradient of the negative sum.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    sign = 1.0 if distance.is_inverted else -1.0  # d(negative violation) / d mat
+    neg_losses = block.fill_non_negatives_(distance.margin(neg_margin, mat).clamp_min_(0), 0.0)
+    # what the reducer keeps of the negatives, as 0/1 bytes (fast arithmetic, unlike bool)
+    neg_keep = block.fill_non_negatives_(select(neg_losses), False).view(torch.uint8)
+    neg_losses.mul_(neg_keep)
+    neg_sum, neg_selected = neg_losses.sum(), neg_keep.sum()
+    # relu's slope is 1 where a loss is positive: the sign of the kept losses
+    neg_grad = neg_losses.sign_().mul_(sign)
+    pos_losses = F.relu(distance.margin(mat[rows, cols], pos_margin))
+    pos_keep = select(pos_losses)
+    pos_losses.mul_(pos_keep)
+    pos_grad = pos_losses.sign().mul_(-sign)
+    return pos_losses.sum(), pos_keep.sum(), pos_grad, neg_sum, neg_selected, neg_grad
+
+
+# A block whose kept negatives are at most 1/_FEW_NEGATIVES of its entries gets their gradient
+# from a list of them rather than from a dense matrix product (negatives beyond the margin have
+# none: after some training, most of them).
+_FEW_NEGATIVES = 64
+
+
+class _BlockwiseContrastive(torch.autograd.Function):
+    """``(B, D)`` queries and ``(R, D)`` references -> the kept positive and negative loss sums
+    and how many losses each kept (see :func:`contrastive_block_sums_and_grads`), one block of
+    rows at a time.
+
+    Each sum is a fixed sum over pairs, so the forward pass also computes the gradient of each
+    sum with respect to the embeddings while the block is at hand (when a gradient is wanted at
+    all): the backward pass only scales them. Nothing of size ``(B, R)`` outlives a block. Only
+    the kept negatives have a gradient; when a block has few, they are handled as a list. When
+    the pairs are symmetric (:attr:`~deepmetric.losses._blockwise.PairBlocks.symmetric`), so are
+    the weights, and each block adds both roles of its rows with one matrix product.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: Tensor,
+        ref: Tensor,
+        pairs: PairBlocks,
+        kind: MatrixKind,
+        loss: ContrastiveLoss,
+        select: Callable[[Tensor], Tensor],
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        same = pairs.same_source
+        # gradients of the negative and the positive sum, for the queries and the references
+        # (with no separate reference set, one for both roles)
+        grads = [
+            torch.zeros_like(x) if need_grad and not (same and i % 2) else None
+            for i, x in enumerate((query, ref, query, ref))
+        ]
+        neg_query, neg_ref, pos_query, pos_ref = grads
+        if same:
+            neg_ref, pos_ref = neg_query, pos_query
+        pos_weight = query.new_empty(pairs.n_pos)
+        few_negatives: tuple[list[Tensor], ...] = ([], [], [])  # rows, columns, weights
+        sums = query.new_zeros(2)
+        selected = torch.zeros(2, dtype=torch.long, device=query.device)
+        matrix = MatrixBlocks(kind, query, ref, same)
+        for start, stop in matrix.bounds():
+            mat = matrix.rows(start, stop)
+            block = pairs.block(mat, start, stop)
+            pos_sum, pos_sel, pos_grad, neg_sum, neg_sel, neg_grad = (
+                contrastive_block_sums_and_grads(
+                    block, loss.pos_margin, loss.neg_margin, loss.distance, select
+                )
+            )
+            sums += torch.stack([pos_sum, neg_sum])
+            selected += torch.stack([pos_sel, neg_sel])
+            if need_grad and int(neg_sel) * _FEW_NEGATIVES > neg_grad.numel():
+                weight = embedding_weight_(kind, neg_grad, mat)
+                add_block_embedding_grads_(
+                    kind, query, ref, start, weight, neg_query, neg_ref, pairs.symmetric
+                )
+            elif need_grad and int(neg_sel) > 0:  # only the few kept negatives have a gradient
+                rows, cols = torch.where(neg_grad)
+                weights = embedding_weight_(kind, neg_grad[rows, cols], mat[rows, cols])
+                for part, entries in zip(few_negatives, (rows + start, cols, weights), strict=True):
+                    part.append(entries)
+            if need_grad:
+                pos_dist = mat[block.pos_rows, block.pos_cols]
+                first, last = pairs.row_offsets[start], pairs.row_offsets[stop]
+                pos_weight[first:last] = embedding_weight_(kind, pos_grad, pos_dist)
+        if need_grad:
+            add_pair_embedding_grads_(
+                kind,
+                query,
+                ref,
+                pairs.pos_rows,
+                pairs.pos_cols,
+                pos_weight,
+                pos_query,
+                pos_ref,
+                pairs.symmetric,
+            )
+        if few_negatives[0]:
+            rows, cols, weights = (torch.cat(part) for part in few_negatives)
+            add_pair_embedding_grads_(
+                kind, query, ref, rows, cols, weights, neg_query, neg_ref, pairs.symmetric
+            )
+        ctx.save_for_backward(*(torch.zeros(0) if g is None else g for g in grads))
+        ctx.mark_non_differentiable(selected)
+        return sums[0], sums[1], selected[0], selected[1]
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_pos: Tensor, grad_neg: Tensor, *unused: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        first_order_only()
+        neg_query, neg_ref, pos_query, pos_ref = ctx.saved_tensors
+        need_query, need_ref = ctx.needs_input_grad[:2]
+        grad_query = neg_query * grad_neg + pos_query * grad_pos if need_query else None
+        grad_ref = None
+        if need_ref and neg_ref.numel() > 0:  # a separate reference set
+            grad_ref = neg_ref * grad_neg + pos_ref * grad_pos
+        return grad_query, grad_ref, None, None, None, None, None
 
 
 class ContrastiveLoss(BaseMetricLossFunction):
@@ -57,22 +212,72 @@ class ContrastiveLoss(BaseMetricLossFunction):
         return AvgNonZeroReducer()
 
     def compute_loss(self, batch: Batch) -> LossDict:
-        mat = self.distance(batch.embeddings, batch.ref_emb)
-        if batch.indices_tuple is None and reduces_by_selection(self.reducer):
-            return self._masked_loss(mat, *batch.masks())
         if batch.indices_tuple is None:
+            if selects_elementwise(self.reducer) and fused_matrix_kind(self.distance) is not None:
+                return self._blockwise_loss(batch)
+            mat = self.distance(batch.embeddings, batch.ref_emb)
+            if reduces_by_selection(self.reducer):
+                return self._masked_loss(mat, *batch.masks())
             a1, p, a2, n = pairs_from_masks(*batch.masks())
+            pos_dists, neg_dists = mat[a1, p], mat[a2, n]
         else:
             a1, p, a2, n = to_pairs(batch.indices_tuple)
+            pos_dists, neg_dists = self._listed_pair_distances(batch, a1, p, a2, n)
         if len(a1) <= 1 and len(a2) <= 1:  # PML's rule: nothing to learn from
             return self.zero_losses("pos_loss", "neg_loss")
         pos, neg = contrastive_pair_losses(
-            mat[a1, p], mat[a2, n], self.pos_margin, self.neg_margin, self.distance
+            pos_dists, neg_dists, self.pos_margin, self.neg_margin, self.distance
         )
         return {
             "pos_loss": {"losses": pos, "indices": (a1, p), "reduction_type": "pos_pair"},
             "neg_loss": {"losses": neg, "indices": (a2, n), "reduction_type": "neg_pair"},
         }
+
+    def _listed_pair_distances(
+        self, batch: Batch, a1: Tensor, p: Tensor, a2: Tensor, n: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The distances of a miner's positive and negative pairs: one by one when there are
+        few of them (:func:`~deepmetric.losses._blockwise.few_pairs`), else read off the whole
+        matrix."""
+        if few_pairs(batch, len(a1) + len(a2)):
+            dists = pair_distances(self.distance, batch, torch.cat([a1, a2]), torch.cat([p, n]))
+            return dists[: len(a1)], dists[len(a1) :]
+        mat = self.distance(batch.embeddings, batch.ref_emb)
+        return mat[a1, p], mat[a2, n]
+
+    def _blockwise_loss(self, batch: Batch) -> LossDict:
+        """All pairs of the labels, one block of rows of the matrix at a time, each sum reduced
+        by its counts: the fast path for the elementwise selecting reducers and the distances
+        of :func:`~deepmetric.losses._blockwise.fused_matrix_kind`."""
+        reducer = self.reducer
+        assert isinstance(reducer, SelectingReducer)
+        kind = fused_matrix_kind(self.distance)
+        assert kind is not None
+        pairs = PairBlocks(batch)
+        if pairs.n_pos <= 1 and pairs.n_neg <= 1:  # PML's rule: nothing to learn from
+            return self.zero_losses("pos_loss", "neg_loss")
+        query, ref = normalized_inputs(self.distance, batch)
+        need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
+        with full_precision(query.device):
+            pos_sum, neg_sum, pos_selected, neg_selected = _BlockwiseContrastive.apply(
+                query, ref, pairs, kind, self, reducer.select, need_grad
+            )
+        loss_dict: LossDict = {}
+        for name, total, selected, n_pairs in (
+            ("pos_loss", pos_sum, pos_selected, pairs.n_pos),
+            ("neg_loss", neg_sum, neg_selected, pairs.n_neg),
+        ):
+            if int(selected) == 0:  # nothing selected: zero, with a zero gradient
+                value = total * 0
+            else:
+                n_total = torch.tensor(n_pairs, device=selected.device)
+                value = total / reducer.divisor(selected, n_total).to(total.dtype)
+            loss_dict[name] = {
+                "losses": value,
+                "indices": None,
+                "reduction_type": "already_reduced",
+            }
+        return loss_dict
 
     def _masked_loss(self, mat: Tensor, pos_mask: Tensor, neg_mask: Tensor) -> LossDict:
         """All pairs of the labels, reduced straight from the ``(B, R)`` matrix (no index

@@ -9,6 +9,8 @@ negatives is computed once, and each positive pair combines the two rows it need
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,6 +18,13 @@ from typing_extensions import Unpack
 
 from ..distances import BaseDistance
 from ..reducers import LossDict
+from ._blockwise import (
+    RowBlock,
+    blockwise_row_losses,
+    pair_blocks_to_learn_from,
+    row_softmax_,
+    sparse_softmax,
+)
 from ._logsumexp import (
     at_most_one_pair_each,
     masked_logsumexp,
@@ -94,6 +103,31 @@ def generalized_lifted_structure_losses(
     return F.relu(pos_lse + neg_lse)
 
 
+def generalized_lifted_structure_row_losses_and_grad(
+    block: RowBlock, pos_margin: float, neg_margin: float, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """The losses of :func:`generalized_lifted_structure_losses` for the rows of ``block`` and,
+    in closed form, their gradient with respect to ``block.mat``: where a row's loss is positive,
+    the softmax weight of each entry in its log-sum-exp, ``+w`` for a positive distance and
+    ``-w`` for a negative one (the signs flip for a similarity); 0 elsewhere.
+
+    Shapes: ``block.mat`` ``(c, R)`` -> ``(c,)`` losses, ``(c, R)`` gradient.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    sign = 1.0 if distance.is_inverted else -1.0  # d(negative exponent) / d mat
+    neg_exponent = block.fill_non_negatives_(distance.margin(neg_margin, mat), -math.inf)
+    neg_lse, grad = row_softmax_(neg_exponent, with_one=False)
+    pos_exponent = distance.margin(mat[rows, cols], pos_margin)
+    pos_lse, pos_weight = sparse_softmax(pos_exponent, rows, len(mat), with_one=False)
+    # an empty set contributes 0, as in PML
+    total = pos_lse.nan_to_num(neginf=0.0) + neg_lse.nan_to_num(neginf=0.0)
+    losses = F.relu(total)
+    active = (total > 0).to(mat.dtype)
+    grad.mul_((sign * active).unsqueeze(1))
+    grad[rows, cols] = -sign * active[rows] * pos_weight  # positives: these entries were 0
+    return losses, grad
+
+
 class LiftedStructureLoss(BaseMetricLossFunction):
     """Each positive pair should be closer than every negative pair of either of its samples.
 
@@ -152,18 +186,21 @@ class GeneralizedLiftedStructureLoss(BaseMetricLossFunction):
         self.pos_margin = pos_margin
 
     def compute_loss(self, batch: Batch) -> LossDict:
-        pos_mask, neg_mask = batch.masks()
-        if batch.indices_tuple is None:
-            n_pos_pairs, n_neg_pairs = int(pos_mask.sum()), int(neg_mask.sum())
-        else:
-            n_pos_pairs, n_neg_pairs = len(batch.indices_tuple[0]), len(batch.indices_tuple[-1])
-        if at_most_one_pair_each(n_pos_pairs, n_neg_pairs):
+        pairs = pair_blocks_to_learn_from(batch)
+        if pairs is None:
             return self.zero_losses()
-        if bool((pos_mask & neg_mask).any()):
+        if pairs.contradicting:
             raise ValueError("indices_tuple names the same pair as both positive and negative")
-        mat = self.distance(batch.embeddings, batch.ref_emb)
-        losses = generalized_lifted_structure_losses(
-            mat, pos_mask, neg_mask, self.pos_margin, self.neg_margin, self.distance
-        )
+        losses = blockwise_row_losses(batch, self.distance, self._row_rule, pairs)
+        if losses is None:  # a distance the blockwise path does not compute
+            mat = self.distance(batch.embeddings, batch.ref_emb)
+            losses = generalized_lifted_structure_losses(
+                mat, *batch.masks(), self.pos_margin, self.neg_margin, self.distance
+            )
         indices = torch.arange(len(losses), device=losses.device)
         return {"loss": {"losses": losses, "indices": indices, "reduction_type": "element"}}
+
+    def _row_rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
+        return generalized_lifted_structure_row_losses_and_grad(
+            block, self.pos_margin, self.neg_margin, self.distance
+        )

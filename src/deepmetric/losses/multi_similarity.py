@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._pairs import to_pairs
 from ..distances import BaseDistance, CosineSimilarity
 from ..reducers import LossDict
-from ._logsumexp import at_most_one_pair_each, masked_logsumexp
+from ._blockwise import (
+    RowBlock,
+    blockwise_row_losses,
+    pair_blocks_to_learn_from,
+    row_softmax_,
+    sparse_softmax,
+)
+from ._logsumexp import masked_logsumexp
 from .base import BaseMetricLossFunction, Batch, LossOptions
-
-
-def pair_masks_to_learn_from(batch: Batch) -> tuple[Tensor, Tensor] | None:
-    """The ``(B, R)`` positive and negative masks of a matrix-based pair loss, or None when PML's
-    rule says there is nothing to learn from (at most one positive and one negative pair).
-
-    As in PML, a miner's tuple is counted as given (a repeated pair counts twice in the rule) but
-    merged in the masks; a pair named both positive and negative raises ``ValueError``.
-    """
-    pos_mask, neg_mask = batch.masks()
-    if batch.indices_tuple is None:
-        n_pos, n_neg = int(pos_mask.sum()), int(neg_mask.sum())
-    else:
-        a1, _, a2, _ = to_pairs(batch.indices_tuple)
-        n_pos, n_neg = len(a1), len(a2)
-    if at_most_one_pair_each(n_pos, n_neg):
-        return None
-    if bool((pos_mask & neg_mask).any()):
-        raise ValueError("indices_tuple names the same pair as both a positive and a negative")
-    return pos_mask, neg_mask
 
 
 def multi_similarity_row_losses(
@@ -72,6 +60,27 @@ def multi_similarity_row_losses(
     return torch.logaddexp(pos_lse, zero) / alpha + torch.logaddexp(neg_lse, zero) / beta
 
 
+def multi_similarity_row_losses_and_grad(
+    block: RowBlock, alpha: float, beta: float, base: float, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """The losses of :func:`multi_similarity_row_losses` for the rows of ``block`` and, in closed
+    form, their gradient with respect to ``block.mat``: with ``w`` the softmax weights of each
+    log-sum-exp (the implicit ``1`` included), ``∂loss_i/∂s_ij = -w_ij`` for a positive and
+    ``+w_ij`` for a negative (the signs flip for a distance).
+
+    Shapes: ``block.mat`` ``(c, R)`` -> ``(c,)`` losses, ``(c, R)`` gradient.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    sign = 1.0 if distance.is_inverted else -1.0
+    neg_exponent = block.fill_non_negatives_(distance.margin(base, mat).mul_(beta), -math.inf)
+    neg_lse, grad = row_softmax_(neg_exponent, with_one=True)
+    grad.mul_(sign)
+    pos_exponent = distance.margin(mat[rows, cols], base) * alpha
+    pos_lse, pos_weight = sparse_softmax(pos_exponent, rows, len(mat), with_one=True)
+    grad[rows, cols] = -sign * pos_weight  # positives are not negatives: these entries were 0
+    return pos_lse / alpha + neg_lse / beta, grad
+
+
 class MultiSimilarityLoss(BaseMetricLossFunction):
     """Weight every pair by its similarity to the others of its query (soft hard mining).
 
@@ -100,13 +109,22 @@ class MultiSimilarityLoss(BaseMetricLossFunction):
     def get_default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
-    def compute_loss(self, batch: Batch) -> LossDict:
-        masks = pair_masks_to_learn_from(batch)
-        if masks is None:
-            return self.zero_losses()
-        mat = self.distance(batch.embeddings, batch.ref_emb)
-        losses = multi_similarity_row_losses(
-            mat, *masks, self.alpha, self.beta, self.base, self.distance
+    def _row_rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
+        return multi_similarity_row_losses_and_grad(
+            block, self.alpha, self.beta, self.base, self.distance
         )
+
+    def compute_loss(self, batch: Batch) -> LossDict:
+        pairs = pair_blocks_to_learn_from(batch)
+        if pairs is None:
+            return self.zero_losses()
+        if pairs.contradicting:
+            raise ValueError("indices_tuple names the same pair as both a positive and a negative")
+        losses = blockwise_row_losses(batch, self.distance, self._row_rule, pairs)
+        if losses is None:  # a distance the blockwise path does not compute
+            mat = self.distance(batch.embeddings, batch.ref_emb)
+            losses = multi_similarity_row_losses(
+                mat, *batch.masks(), self.alpha, self.beta, self.base, self.distance
+            )
         rows = torch.arange(len(losses), device=losses.device)
         return {"loss": {"losses": losses, "indices": rows, "reduction_type": "element"}}

@@ -10,6 +10,7 @@ from typing_extensions import Unpack
 from .._pairs import to_pairs
 from ..distances import BaseDistance, DotProductSimilarity
 from ..reducers import LossDict
+from ._blockwise import as_compared, pairs_are_the_labels
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -26,6 +27,37 @@ def first_pair_per_label(
     first = torch.full((len(unique_labels),), len(anchors), device=anchors.device)
     first = first.scatter_reduce(0, label_slot, order, reduce="amin")
     return anchors[first], positives[first]
+
+
+def first_pair_per_label_from_labels(
+    labels: Tensor, ref_labels: Tensor, same_source: bool
+) -> tuple[Tensor, Tensor]:
+    """:func:`first_pair_per_label` over every positive pair of the labels (row-major), found
+    from the sorted labels alone: a label's first pair is its first query, with its second
+    sample (the references are the queries) or its first reference; labels without a positive
+    pair are left out.
+
+    ``(B,)`` labels, ``(R,)`` reference labels -> ``(N,)`` anchors and positives, by label.
+    """
+    order = torch.argsort(labels, stable=True)  # equal labels keep ascending indices
+    sorted_labels = labels[order]
+    starts_group = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts_group[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    firsts = torch.where(starts_group)[0]  # positions of each label's first query
+    group_labels = sorted_labels[firsts]
+    if same_source:
+        seconds = (firsts + 1).clamp_max(len(labels) - 1)
+        has_pair = sorted_labels[seconds] == group_labels
+        has_pair &= firsts + 1 < len(labels)
+        return order[firsts[has_pair]], order[seconds[has_pair]]
+    if len(ref_labels) == 0:
+        empty = torch.empty(0, dtype=torch.long, device=labels.device)
+        return empty, empty.clone()
+    ref_order = torch.argsort(ref_labels, stable=True)
+    sorted_ref = ref_labels[ref_order]
+    ref_firsts = torch.searchsorted(sorted_ref, group_labels).clamp_max(len(ref_labels) - 1)
+    has_pair = sorted_ref[ref_firsts] == group_labels
+    return order[firsts[has_pair]], ref_order[ref_firsts[has_pair]]
 
 
 def npairs_losses(sim_mat: Tensor) -> Tensor:
@@ -61,16 +93,29 @@ class NPairsLoss(BaseMetricLossFunction):
     def compute_loss(self, batch: Batch) -> LossDict:
         if batch.labels is None:
             raise ValueError("NPairsLoss needs labels (it keeps one positive pair per label)")
-        if batch.indices_tuple is None:
-            pos_mask, _ = batch.masks()
-            anchors, positives = torch.where(pos_mask)
+        if pairs_are_the_labels(batch):
+            assert batch.ref_labels is not None
+            anchors, positives = first_pair_per_label_from_labels(
+                batch.labels, batch.ref_labels, batch.same_source
+            )
         else:
-            anchors, positives, _, _ = to_pairs(batch.indices_tuple)
-        anchors, positives = first_pair_per_label(anchors, positives, batch.labels)
+            if batch.indices_tuple is None:
+                anchors, positives = torch.where(batch.masks()[0])
+            else:
+                anchors, positives, _, _ = to_pairs(batch.indices_tuple)
+            anchors, positives = first_pair_per_label(anchors, positives, batch.labels)
         self.num_pairs = len(anchors)
         if self.num_pairs == 0:
             return self.zero_losses()
-        sim_mat = self.distance(batch.embeddings[anchors], batch.ref_emb[positives])
+        # the rows were validated with the batch: compare them without checking them again
+        if batch.same_source:  # one gather (and one scatter in the backward pass) for both
+            rows = as_compared(self.distance, batch.embeddings[torch.cat([anchors, positives])])
+            query, ref = rows[: self.num_pairs], rows[self.num_pairs :]
+        else:
+            query = as_compared(self.distance, batch.embeddings[anchors])
+            ref = as_compared(self.distance, batch.ref_emb[positives])
+        with torch.autocast(query.device.type, enabled=False):
+            sim_mat = self.distance.compute_powered_mat(query, ref)
         if not self.distance.is_inverted:
             sim_mat = -sim_mat
         losses = npairs_losses(sim_mat)

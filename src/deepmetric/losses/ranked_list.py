@@ -9,6 +9,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from ..reducers import LossDict
+from ._blockwise import PairBlocks, RowBlock, blockwise_row_losses
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 # PML adds this to the weight of every column of a row before summing the weights.
@@ -58,6 +59,43 @@ def ranked_list_row_losses(
     return (1 - imbalance) * loss_p + imbalance * loss_n
 
 
+def ranked_list_row_losses_and_grad(
+    block: RowBlock, margin: float, alpha: float, imbalance: float, Tp: float, Tn: float
+) -> tuple[Tensor, Tensor]:
+    """The losses of :func:`ranked_list_row_losses` for the rows of ``block`` and, in closed
+    form, their gradient with respect to ``block.mat``. For one part (positives or negatives) of
+    a row, with violations ``v``, weights ``w = exp(T v)`` and ``L = Σ w v / Z``,
+    ``Z = Σ w + R·1e-5``: ``∂L/∂v_j = w_j (T v_j + 1 - T L) / Z`` at the active entries (and
+    ``∂v/∂d`` is ``+1`` for a positive, ``-1`` for a negative).
+
+    Shapes: ``block.mat`` ``(c, R)`` -> ``(c,)`` losses, ``(c, R)`` gradient.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    eps_sum = _WEIGHT_EPS * mat.shape[1]
+    # negatives, dense: active (1.0) where 0 < d < alpha; v = alpha - d there, 0 elsewhere
+    neg_violation = alpha - mat
+    neg_active = neg_violation.sign().clamp_min_(0).mul_(mat.sign().clamp_min_(0))
+    block.fill_non_negatives_(neg_active, 0.0)
+    neg_violation.mul_(neg_active)
+    neg_weight = torch.mul(neg_violation, Tn).exp_().mul_(neg_active)
+    neg_norm = neg_weight.sum(dim=1) + eps_sum
+    loss_n = (neg_weight * neg_violation).sum(dim=1) / neg_norm
+    # ∂L_N/∂d = -w (Tn v + 1 - Tn L_N) / Z, built in the buffers of v and w
+    factor = neg_violation.mul_(Tn).add_((1 - Tn * loss_n).unsqueeze(1))
+    grad = neg_weight.mul_(factor).mul_((-imbalance / neg_norm).unsqueeze(1))
+    # positives, a list: v = d - (alpha - margin) where active
+    positive_bound = alpha - margin
+    pos_dist = mat[rows, cols]
+    pos_active = (pos_dist > positive_bound) & (pos_dist > 0)
+    pos_violation = torch.where(pos_active, pos_dist - positive_bound, 0.0)
+    pos_weight = torch.exp(Tp * pos_violation) * pos_active
+    pos_norm = torch.zeros_like(loss_n).index_add_(0, rows, pos_weight) + eps_sum
+    loss_p = torch.zeros_like(loss_n).index_add_(0, rows, pos_weight * pos_violation) / pos_norm
+    pos_factor = Tp * pos_violation + (1 - Tp * loss_p)[rows]
+    grad[rows, cols] = (1 - imbalance) * pos_weight * pos_factor / pos_norm[rows]
+    return (1 - imbalance) * loss_p + imbalance * loss_n, grad
+
+
 class RankedListLoss(BaseMetricLossFunction):
     """Push every query's negatives beyond ``alpha`` and pull its positives within
     ``alpha - margin``, weighting the violating pairs by how badly they rank.
@@ -100,10 +138,17 @@ class RankedListLoss(BaseMetricLossFunction):
         self.Tp = Tp
 
     def compute_loss(self, batch: Batch) -> LossDict:
-        mat = self.distance(batch.embeddings, batch.ref_emb)
-        pos_mask, neg_mask = batch.masks()
-        losses = ranked_list_row_losses(
-            mat, pos_mask, neg_mask, self.margin, self.alpha, self.imbalance, self.Tp, self.Tn
-        )
+        losses = blockwise_row_losses(batch, self.distance, self._row_rule, PairBlocks(batch))
+        if losses is None:  # a distance the blockwise path does not compute
+            mat = self.distance(batch.embeddings, batch.ref_emb)
+            pos_mask, neg_mask = batch.masks()
+            losses = ranked_list_row_losses(
+                mat, pos_mask, neg_mask, self.margin, self.alpha, self.imbalance, self.Tp, self.Tn
+            )
         rows = torch.arange(len(losses), device=losses.device)
         return {"loss": {"losses": losses, "indices": rows, "reduction_type": "element"}}
+
+    def _row_rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
+        return ranked_list_row_losses_and_grad(
+            block, self.margin, self.alpha, self.imbalance, self.Tp, self.Tn
+        )
