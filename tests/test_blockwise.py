@@ -49,6 +49,7 @@ from deepmetric.losses.ranked_list import (
     ranked_list_row_losses,
     ranked_list_row_losses_and_grad,
 )
+from deepmetric.losses.triplet import TripletMarginLoss
 from tests.parity import assert_same_loss, pk_labels, value_and_grad
 
 
@@ -482,6 +483,44 @@ def test_contrastive_with_few_miner_pairs_matches_pml(make_distance: Any) -> Non
     assert_same_loss(
         ContrastiveLoss(distance=ours_distance, **margins),
         pml_losses.ContrastiveLoss(distance=theirs_distance, **margins),
+        emb,
+        labels,
+        indices_tuple=tup,
+    )
+
+
+@pytest.mark.parametrize(
+    "make_distance",
+    [
+        distances.LpDistance,
+        lambda: distances.LpDistance(power=2),
+        distances.CosineSimilarity,
+    ],
+    ids=["lp", "lp-squared", "cosine"],
+)
+@pytest.mark.parametrize("smooth_loss", [False, True])
+def test_triplet_with_few_miner_triplets_matches_pml(make_distance: Any, smooth_loss: bool) -> None:
+    from pytorch_metric_learning import distances as pml_distances
+    from pytorch_metric_learning import miners as pml_miners
+
+    emb, labels = _batch(n=128, per_class=4, dim=16, seed=16)
+    # BatchHardMiner's one triplet per anchor, plus a repeated one: few enough for the
+    # one-by-one path
+    a, p, n = miners.BatchHardMiner()(emb, labels)
+    tup = (torch.cat([a, a[:1]]), torch.cat([p, p[:1]]), torch.cat([n, n[:1]]))
+    batch = prepare_batch(emb, labels, tup, None, None)
+    assert blockwise.few_pairs(batch, 2 * len(tup[0]))
+    assert {tuple(t) for t in torch.stack(tup[:3], 1)[:-1].tolist()} == {
+        tuple(t) for t in torch.stack(pml_miners.BatchHardMiner()(emb, labels), 1).tolist()
+    }
+    ours_distance = make_distance()
+    theirs_distance = {
+        "LpDistance": lambda: pml_distances.LpDistance(power=ours_distance.power),
+        "CosineSimilarity": pml_distances.CosineSimilarity,
+    }[type(ours_distance).__name__]()
+    assert_same_loss(
+        TripletMarginLoss(margin=0.2, smooth_loss=smooth_loss, distance=ours_distance),
+        pml_losses.TripletMarginLoss(margin=0.2, smooth_loss=smooth_loss, distance=theirs_distance),
         emb,
         labels,
         indices_tuple=tup,

@@ -20,8 +20,18 @@ def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
         )
     if not embeddings.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {embeddings.dtype}")
-    if embeddings.numel() > 0 and not bool(torch.isfinite(embeddings).all()):
+    if embeddings.numel() > 0 and not _all_finite(embeddings):
         raise ValueError(f"{name} contain NaN or Inf")
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Whether every element of ``x`` is finite.
+
+    A finite sum proves it with one cheap reduction (a NaN or Inf anywhere makes the sum NaN or
+    Inf); only a non-finite sum, which finite values can also give by overflowing, needs the
+    element-wise test.
+    """
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def check_labels(labels: Tensor, embeddings: Tensor, name: str = "labels") -> Tensor:

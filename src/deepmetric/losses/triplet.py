@@ -19,6 +19,7 @@ from ..reducers import (
     SelectingReducer,
     reduces_by_selection,
 )
+from ._blockwise import few_pairs, pair_distances
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -69,6 +70,21 @@ class TripletMarginLoss(BaseMetricLossFunction):
         return AvgNonZeroReducer()
 
     def compute_loss(self, batch: Batch) -> LossDict:
+        if batch.indices_tuple is not None and not self.swap:
+            a, p, n = pairs_to_triplets(batch.indices_tuple)
+            if len(a) == 0:
+                return self.zero_losses()
+            if few_pairs(batch, 2 * len(a)):
+                # a miner's few triplets (BatchHardMiner: one per anchor): their 2·T distances
+                # alone, rather than the whole (B, R) matrix
+                dists = pair_distances(self.distance, batch, torch.cat([a, a]), torch.cat([p, n]))
+                losses = triplet_margin_losses(
+                    dists[: len(a)], dists[len(a) :], self.margin, self.smooth_loss, self.distance
+                )
+                return {
+                    "loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}
+                }
+
         mat = self.distance(batch.embeddings, batch.ref_emb)
         # distances between positives and negatives, for swap: both index the reference set
         pn_mat = mat if batch.same_source else None
