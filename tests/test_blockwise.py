@@ -454,7 +454,16 @@ def test_npairs_first_pairs_from_labels_match_the_label_masks(
 # -- 6. a miner's few pairs: their distances one by one --------------------------------------
 
 
-@pytest.mark.parametrize(
+def _pml_twin(ours: distances.BaseDistance) -> Any:
+    """PML's distance with the same settings as ``ours``."""
+    from pytorch_metric_learning import distances as pml_distances
+
+    if isinstance(ours, distances.LpDistance):
+        return pml_distances.LpDistance(power=ours.power)
+    return pml_distances.CosineSimilarity()
+
+
+FEW_PAIR_DISTANCES = pytest.mark.parametrize(
     "make_distance",
     [
         distances.LpDistance,
@@ -463,9 +472,10 @@ def test_npairs_first_pairs_from_labels_match_the_label_masks(
     ],
     ids=["lp", "lp-squared", "cosine"],
 )
-def test_contrastive_with_few_miner_pairs_matches_pml(make_distance: Any) -> None:
-    from pytorch_metric_learning import distances as pml_distances
 
+
+@FEW_PAIR_DISTANCES
+def test_contrastive_with_few_miner_pairs_matches_pml(make_distance: Any) -> None:
     emb, labels = _batch(n=32, per_class=4, dim=16, seed=15)
     pos_mask, neg_mask = label_masks(labels, labels, same_source=True)
     a1, p = torch.where(pos_mask)
@@ -475,10 +485,7 @@ def test_contrastive_with_few_miner_pairs_matches_pml(make_distance: Any) -> Non
     batch = prepare_batch(emb, labels, tup, None, None)
     assert blockwise.few_pairs(batch, len(tup[0]) + len(tup[2]))
     ours_distance = make_distance()
-    theirs_distance = {
-        "LpDistance": lambda: pml_distances.LpDistance(power=ours_distance.power),
-        "CosineSimilarity": pml_distances.CosineSimilarity,
-    }[type(ours_distance).__name__]()
+    theirs_distance = _pml_twin(ours_distance)
     margins = {"pos_margin": 0.7, "neg_margin": 0.3} if ours_distance.is_inverted else {}
     assert_same_loss(
         ContrastiveLoss(distance=ours_distance, **margins),
@@ -489,18 +496,9 @@ def test_contrastive_with_few_miner_pairs_matches_pml(make_distance: Any) -> Non
     )
 
 
-@pytest.mark.parametrize(
-    "make_distance",
-    [
-        distances.LpDistance,
-        lambda: distances.LpDistance(power=2),
-        distances.CosineSimilarity,
-    ],
-    ids=["lp", "lp-squared", "cosine"],
-)
+@FEW_PAIR_DISTANCES
 @pytest.mark.parametrize("smooth_loss", [False, True])
 def test_triplet_with_few_miner_triplets_matches_pml(make_distance: Any, smooth_loss: bool) -> None:
-    from pytorch_metric_learning import distances as pml_distances
     from pytorch_metric_learning import miners as pml_miners
 
     emb, labels = _batch(n=128, per_class=4, dim=16, seed=16)
@@ -514,10 +512,7 @@ def test_triplet_with_few_miner_triplets_matches_pml(make_distance: Any, smooth_
         tuple(t) for t in torch.stack(pml_miners.BatchHardMiner()(emb, labels), 1).tolist()
     }
     ours_distance = make_distance()
-    theirs_distance = {
-        "LpDistance": lambda: pml_distances.LpDistance(power=ours_distance.power),
-        "CosineSimilarity": pml_distances.CosineSimilarity,
-    }[type(ours_distance).__name__]()
+    theirs_distance = _pml_twin(ours_distance)
     assert_same_loss(
         TripletMarginLoss(margin=0.2, smooth_loss=smooth_loss, distance=ours_distance),
         pml_losses.TripletMarginLoss(margin=0.2, smooth_loss=smooth_loss, distance=theirs_distance),
