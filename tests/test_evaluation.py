@@ -475,3 +475,10 @@ def test_invalid_constructor_arguments() -> None:
 
     with pytest.raises(NotImplementedError):
         CustomMetric()
+
+
+def test_row_squared_norms_in_chunks_equal_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(1000, 7, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(evaluation, "NORM_CHUNK_ROWS", 64)  # 16 chunks, the last one short
+    assert torch.equal(evaluation.row_squared_norms(x), (x * x).sum(dim=1))
+    assert evaluation.row_squared_norms(x[:0]).shape == (0,)
