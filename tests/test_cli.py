@@ -152,3 +152,35 @@ def test_report_verifies_on_the_validation_split_without_test_classes(tmp_path: 
     n_8, n_9 = (int((val.labels == c).sum()) for c in (8, 9))
     assert saved["verification"]["n_impostor"] == min(10_000, n_8 * n_9)
     assert "Verification on the validation split" in (tmp_path / "report.html").read_text()
+
+
+def test_oneshot_scores_the_twenty_official_runs_with_the_final_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "oneshot"
+    args = ["oneshot", "--epochs", "1", "--tta", "2", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    names = [r["embedding"] for r in results["table"]]
+    assert names == [
+        "raw pixels",
+        "untrained network",
+        "trained network",
+        "trained + test-time augmentation (2 copies)",
+    ]
+    per_run = results["one_shot_per_run"]
+    for name, row in zip(names, results["table"], strict=True):
+        # 20 runs of 20 queries each: every accuracy is a multiple of 1/20 (up to float32 rounding)
+        assert len(per_run[name]) == 20
+        assert all(abs(a * 20 - round(a * 20)) < 1e-5 for a in per_run[name])
+        assert row["one-shot 20-way"] == pytest.approx(sum(per_run[name]) / 20)
+    # no characters held out: nothing to choose a checkpoint with, so best.pt is the final one
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]
+    assert not any(key.startswith("val_") for key in records[0])
+    # one epoch already lifts the network far above raw pixels (about 0.23) on unseen alphabets
+    assert results["table"][2]["one-shot 20-way"] > 0.5
+    # the per-run table: runs 1..20, one column per embedding
+    lines = printed.splitlines()
+    assert all(any(line.startswith(f"{i:>3}   ") for line in lines) for i in range(1, 21))
