@@ -39,6 +39,7 @@ from ._launch import (
     process_group,
     start_processes,
 )
+from ._malloc import keep_freed_memory
 from .augment import embed_augmented
 from .cli_index import add_index_commands, load_run
 from .data import ArrayDataset, load_omniglot_runs, split_by_class
@@ -629,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # no page faults on every step's large buffers (see _malloc)
     try:
         return int(args.func(args))
     except ValueError as error:
