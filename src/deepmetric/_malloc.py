@@ -5,9 +5,9 @@ returns them with ``munmap`` when freed, or trims the heap top once enough is fr
 step then faults every page of those buffers in afresh: in a 40-epoch Omniglot run, 120 million
 minor page faults and 4 minutes of system time. Raising the mmap and trim thresholds (what the
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment variables do) keeps the pages
-mapped and reused: measured 11-13% less time per epoch (17.4 s -> 15.2-15.5 s), system time
-from 12 s to 1 s over two epochs. The cost is that the process keeps its
-peak heap until it exits, which suits a command-line training run, not a library import.
+mapped and reused: measured 11-13% less time per epoch (17.4 s -> 15.2-15.5 s) and system time
+from 12 s to 1 s over two epochs. The cost is that the process keeps its peak heap until it
+exits, which suits a command-line training run, not a library import.
 """
 
 from __future__ import annotations
