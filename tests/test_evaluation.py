@@ -144,6 +144,26 @@ def test_knn_separate_and_including_references(chunk_size: int) -> None:
             torch.testing.assert_close(dist.double(), want_dist)
 
 
+@pytest.mark.parametrize("scan_entries", [1, 50, 1 << 19])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_sliced_scans_with_k_near_the_chunk_size_equal_full_sort(
+    scan_entries: int, symmetric: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks scanned a few rows (or reference rows, down the columns) at a time, with k so
+    large that every entry of the first blocks is a candidate: the same neighbours."""
+    monkeypatch.setattr(evaluation, "_SCAN_ENTRIES", scan_entries)
+    x, _ = grid_data(230, 6, dim=3, seed=5, spread=1)
+    for k in (1, 20, 40, 229):
+        dist, idx = knn(x, k, chunk_size=48, symmetric=symmetric)
+        want_dist, want_idx = full_sort_knn(x, x, k, ref_includes_query=True)
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(dist.double(), want_dist)
+    query, reference = x[:70], x[70:]
+    dist, idx = knn(query, 33, reference, chunk_size=48)
+    want_dist, want_idx = full_sort_knn(query, reference, 33, False)
+    assert torch.equal(idx, want_idx)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("n_extra", [0, 37])
 def test_label_ordered_search_equals_full_sort(symmetric: bool, n_extra: int) -> None:

@@ -28,7 +28,9 @@ chunks and nothing larger than a chunk of the ranking ever exists:
    identically for every chunk size. When the references start with the queries
    (self-retrieval), each block product ``(i, j)`` is computed once and serves both query blocks
    ``i`` and ``j``, halving the matrix products; this needs the running top-k of all queries at
-   once and is used only while that fits in :data:`SYMMETRIC_STATE_BYTES`.
+   once and is used only while that fits in :data:`SYMMETRIC_STATE_BYTES` and the queries are a
+   good share of the references (a few queries against many references would hold that state
+   to save almost nothing).
 2. **Ranks by counting**, for large ``k`` (PML's default ``k=None`` ranks every reference). For a
    query chunk, one pass collects the distances of its positives; a second pass counts, for
    every other reference, how many positives it precedes (``searchsorted`` into the sorted
@@ -172,6 +174,11 @@ _INDEX_MASK = (1 << _INDEX_BITS) - 1
 # ``width`` rows, so those blocks are kept shorter.
 _ROW_BLOCK = 32
 _COLUMN_BLOCK = 8
+#: About the most candidate distances gathered at once: a block of the search whose open blocks
+#: hold more is scanned in slices of rows, so that its temporaries (a few int64 per candidate;
+#: every entry is a candidate while a query's top-k is still empty) stay bounded by the chunk
+#: size rather than growing with ``k``. Once the top-k is tight, a block is one slice.
+_SCAN_ENTRIES = 1 << 19
 
 
 #: Rows per step of :func:`row_squared_norms`.
@@ -284,8 +291,10 @@ class _TopKBuffer:
         self.tau.index_copy_(0, rows, bound)
 
     def result(self) -> Tensor:
-        """``(n, k)`` keys of the k nearest references, nearest first."""
-        return torch.sort(self.keys, dim=1).values[:, : self.k]
+        """``(n, k)`` keys of the k nearest references, nearest first (sorted a slice of rows
+        at a time: a whole sort's values and indices would be 4× the result)."""
+        rows = max(1, _SCAN_ENTRIES // self.capacity)
+        return torch.cat([c.sort(dim=1).values[:, : self.k] for c in self.keys.split(rows)])
 
 
 def _flat_nonzero(mask: Tensor) -> Tensor:
@@ -293,43 +302,43 @@ def _flat_nonzero(mask: Tensor) -> Tensor:
     return mask.view(-1).nonzero().squeeze(1)
 
 
-def _candidates(dist: Tensor, block_min: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _candidates(dist: Tensor, is_open: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(row, column, distance) of every entry of ``dist`` ``(n, m)`` at most ``tau[row]``, by
-    row. ``block_min`` ``(n, m / width)`` holds minima over blocks of ``width`` columns: a block
-    whose minimum is too far (nearly all of them, once ``tau`` is tight) is never looked at."""
+    row. ``is_open`` ``(n, m / width)`` marks the blocks of ``width`` columns whose minimum is
+    at most ``tau[row]``: a closed block (nearly all of them, once ``tau`` is tight) is never
+    looked at. With ``width == 1``, ``is_open`` is the answer itself."""
     n, m = dist.shape
-    width = m // block_min.shape[1]
-    if width > 1:
-        open_blocks = _flat_nonzero(block_min <= tau.unsqueeze(1))  # into (n, m / width)
-        if 4 * len(open_blocks) < block_min.numel():
-            row, first_col = open_blocks // (m // width), open_blocks % (m // width) * width
-            values = dist.view(-1, width).index_select(0, open_blocks)
-            hit = _flat_nonzero(values <= _take(tau, row).unsqueeze(1))
-            block, offset = hit // width, hit % width
-            return _take(row, block), _take(first_col, block) + offset, _take(values, hit)
-    hit = _flat_nonzero(dist <= tau.unsqueeze(1))  # dense: test every entry
-    return hit // m, hit % m, _take(dist, hit)
+    width = m // is_open.shape[1]
+    if width == 1:
+        hit = _flat_nonzero(is_open)
+        return hit // m, hit % m, _take(dist, hit)
+    open_blocks = _flat_nonzero(is_open)  # into (n, m / width)
+    if 4 * len(open_blocks) >= is_open.numel():  # dense: test every entry
+        hit = _flat_nonzero(dist <= tau.unsqueeze(1))
+        return hit // m, hit % m, _take(dist, hit)
+    row, first_col = open_blocks // (m // width), open_blocks % (m // width) * width
+    values = dist.view(-1, width).index_select(0, open_blocks)
+    hit = _flat_nonzero(values <= _take(tau, row).unsqueeze(1))
+    block, offset = hit // width, hit % width
+    return _take(row, block), _take(first_col, block) + offset, _take(values, hit)
 
 
-def _column_candidates(
-    dist: Tensor, block_min: Tensor, tau: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_candidates` of ``dist.T`` (``block_min`` over blocks of rows), returned as
-    (column, row, distance) by column, without transposing the block."""
+def _column_candidates(dist: Tensor, is_open: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_candidates` of ``dist.T`` (``is_open`` ``(m / width, n)`` over blocks of rows),
+    returned as (column, row, distance) by column, without transposing the block."""
     m, n = dist.shape
-    width = m // block_min.shape[0]
-    if width > 1:
-        open_blocks = _flat_nonzero((block_min <= tau.unsqueeze(0)).T.contiguous())
-        if 4 * len(open_blocks) < block_min.numel():
-            col, first_row = open_blocks // (m // width), open_blocks % (m // width) * width
-            rows = first_row.unsqueeze(1) + torch.arange(width, device=dist.device)
-            values = _take(dist, rows * n + col.unsqueeze(1))
-            hit = _flat_nonzero(values <= _take(tau, col).unsqueeze(1))
-            block, offset = hit // width, hit % width
-            return _take(col, block), _take(first_row, block) + offset, _take(values, hit)
-    hit = _flat_nonzero((dist <= tau.unsqueeze(0)).T.contiguous())
-    col, row = hit // m, hit % m
-    return col, row, _take(dist, row * n + col)
+    width = m // is_open.shape[0]
+    open_blocks = _flat_nonzero(is_open.T.contiguous())  # into (n, m / width)
+    if width == 1 or 4 * len(open_blocks) >= is_open.numel():
+        hit = open_blocks if width == 1 else _flat_nonzero((dist <= tau).T.contiguous())
+        col, row = hit // m, hit % m
+        return col, row, _take(dist, row * n + col)
+    col, first_row = open_blocks // (m // width), open_blocks % (m // width) * width
+    rows = first_row.unsqueeze(1) + torch.arange(width, device=dist.device)
+    values = _take(dist, rows * n + col.unsqueeze(1))
+    hit = _flat_nonzero(values <= _take(tau, col).unsqueeze(1))
+    block, offset = hit // width, hit % width
+    return _take(col, block), _take(first_row, block) + offset, _take(values, hit)
 
 
 def _block_plan(buf: _TopKBuffer, n_refs: int, cap: int) -> tuple[int, bool]:
@@ -338,6 +347,14 @@ def _block_plan(buf: _TopKBuffer, n_refs: int, cap: int) -> tuple[int, bool]:
     bound = buf.needs_bound() and n_refs >= 2 * buf.k
     width = _block_width(n_refs, buf.k, bound, cap)
     return width, bound and width > 1
+
+
+def _slices(n: int, open_entries: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """Split ``n`` rows (in whole groups of ``multiple``) so that each slice holds about
+    :data:`_SCAN_ENTRIES` of the ``open_entries`` entries to look at: one slice when few are."""
+    pieces = 1 + open_entries // _SCAN_ENTRIES
+    step = -(-n // pieces)
+    return _chunks(n, -(-step // multiple) * multiple)
 
 
 def _scan_rows(
@@ -351,12 +368,15 @@ def _scan_rows(
     if bound:  # at least k distinct references lie within the k-th smallest block minimum
         top = block_min.topk(buf.k, dim=1, largest=False, sorted=False).values
         buf.tighten(top.amax(dim=1))
-    row, col, values = _candidates(dist, block_min, buf.tau)
-    ref = _take(ref_ids, col)
-    if query_ids is not None:
-        keep = _take(query_ids, row) != ref
-        row, ref, values = row[keep], ref[keep], values[keep]
-    buf.add(row, _encode(values, ref))
+    is_open = block_min <= buf.tau.unsqueeze(1)
+    for p0, p1 in _slices(n, int(is_open.sum()) * width):
+        row, col, values = _candidates(dist[p0:p1], is_open[p0:p1], buf.tau[p0:p1])
+        row += p0
+        ref = _take(ref_ids, col)
+        if query_ids is not None:
+            keep = _take(query_ids, row) != ref
+            row, ref, values = row[keep], ref[keep], values[keep]
+        buf.add(row, _encode(values, ref))
 
 
 def _scan_columns(buf: _TopKBuffer, dist: Tensor, ref_ids: Tensor) -> None:
@@ -368,8 +388,11 @@ def _scan_columns(buf: _TopKBuffer, dist: Tensor, ref_ids: Tensor) -> None:
     if bound:
         top = block_min.topk(buf.k, dim=0, largest=False, sorted=False).values
         buf.tighten(top.amax(dim=0))
-    col, row, values = _column_candidates(dist, block_min, buf.tau)
-    buf.add(col, _encode(values, _take(ref_ids, row)))
+    is_open = block_min <= buf.tau.unsqueeze(0)
+    for r0, r1 in _slices(m, int(is_open.sum()) * width, width):  # whole blocks of rows
+        piece = is_open[r0 // width : r1 // width]
+        col, row, values = _column_candidates(dist[r0:r1], piece, buf.tau)
+        buf.add(col, _encode(values, _take(ref_ids, row + r0)))
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -421,7 +444,12 @@ def topk_key_chunks(
     q_blocks = [q_order[s:e] for s, e in _chunks(n_query, chunk_size)]
     slack = max(16, k // 4)  # spare slots of the running top-k of all queries at once
     if symmetric is None:
-        symmetric = n_query * (k + slack) * 8 <= SYMMETRIC_STATE_BYTES and len(q_blocks) > 1
+        # it saves n_query² / 2 of n_query × n_ref products: worth its state from a quarter on
+        symmetric = (
+            n_query * (k + slack) * 8 <= SYMMETRIC_STATE_BYTES
+            and len(q_blocks) > 1
+            and 4 * n_query >= n_ref
+        )
     symmetric = symmetric and ref_includes_query
 
     def query_block(ids: Tensor) -> Tensor:
