@@ -597,7 +597,8 @@ class _PairDistances(torch.autograd.Function):
     ) -> Tensor:
         dists = query.new_empty(len(rows))
         for start, stop in row_blocks(len(rows), query.shape[1], query.device):
-            q, r = query[rows[start:stop]], ref[cols[start:stop]]
+            q = query.index_select(0, rows[start:stop])  # (faster than query[rows] on CPU)
+            r = ref.index_select(0, cols[start:stop])
             if kind is MatrixKind.INNER_PRODUCT:
                 dists[start:stop] = (q * r).sum(dim=1)
             else:
@@ -621,11 +622,11 @@ class _PairDistances(torch.autograd.Function):
             a, b, w = rows[start:stop], cols[start:stop], weight[start:stop]
             if kind is MatrixKind.INNER_PRODUCT:
                 if grad_query is not None:
-                    grad_query.index_add_(0, a, ref[b].mul_(w))
+                    grad_query.index_add_(0, a, ref.index_select(0, b).mul_(w))
                 if grad_ref is not None:
-                    grad_ref.index_add_(0, b, query[a].mul_(w))
+                    grad_ref.index_add_(0, b, query.index_select(0, a).mul_(w))
                 continue
-            diff = query[a].sub_(ref[b]).mul_(w)  # w (q - r)
+            diff = query.index_select(0, a).sub_(ref.index_select(0, b)).mul_(w)  # w (q - r)
             if grad_query is not None:
                 grad_query.index_add_(0, a, diff)
             if grad_ref is not None:
