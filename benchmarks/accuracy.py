@@ -247,6 +247,8 @@ def summarise(runs: list[dict]) -> list[dict]:
     for case in CASES:
         for library in LIBRARIES:
             mine = [r for r in runs if r["case"] == case and r["library"] == library]
+            if not mine:  # a case left out by --cases
+                continue
             row: dict[str, Any] = {"case": case, "library": library, "seeds": len(mine)}
             for key in ("recall_at_1", "map_at_r", "seconds_per_epoch"):
                 row[key], row[key + "_std"] = mean_std([r[key] for r in mine])

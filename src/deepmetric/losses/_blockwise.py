@@ -344,8 +344,9 @@ class PairBlocks:
         self.neg_mask: Tensor | None = None
         if not pairs_are_the_labels(batch):
             pos_mask, self.neg_mask = batch.masks()
-            self.contradicting = bool((pos_mask & self.neg_mask).any())
             self.pos_rows, self.pos_cols = torch.where(pos_mask)
+            # a pair listed as both: read at the positives, not by a second (B, R) mask
+            self.contradicting = bool(self.neg_mask[self.pos_rows, self.pos_cols].any())
             self.n_neg = int(self.neg_mask.sum())
         else:
             assert batch.labels is not None and batch.ref_labels is not None
