@@ -353,7 +353,7 @@ def _slices(n: int, open_entries: int, multiple: int = 1) -> list[tuple[int, int
     """Split ``n`` rows (in whole groups of ``multiple``) so that each slice holds about
     :data:`_SCAN_ENTRIES` of the ``open_entries`` entries to look at: one slice when few are."""
     pieces = 1 + open_entries // _SCAN_ENTRIES
-    step = -(-n // pieces)
+    step = max(1, -(-n // pieces))
     return _chunks(n, -(-step // multiple) * multiple)
 
 
