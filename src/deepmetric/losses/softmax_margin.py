@@ -27,6 +27,7 @@ from typing_extensions import Unpack
 from .._checks import check_embeddings, check_labels
 from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity
 from ..reducers import LossDict
+from ._blockwise import MatrixKind, fused_matrix_kind
 from .base import Batch
 from .proxy import (
     ClassWeightLoss,
@@ -147,12 +148,19 @@ class NormalizedSoftmaxLoss(ClassWeightLoss):
         return loss_dict
 
     def _logits(self, emb: Tensor) -> Tensor:
+        """Logits of embeddings already validated (with the batch, or by :meth:`get_logits`)."""
         normalized_w = self.distance.normalize(self.W.to(emb.dtype), dim=0)
-        logits = self.distance(emb, normalized_w.t()).to(emb.dtype) / self.temperature
+        if fused_matrix_kind(self.distance) is MatrixKind.INNER_PRODUCT:
+            # a plain inner product: one product, without normalising the unit W a second time
+            sims = self.distance.maybe_normalize(emb) @ normalized_w
+        else:
+            sims = self.distance(emb, normalized_w.t())
+        logits = sims.to(emb.dtype) / self.temperature
         return logits if self.distance.is_inverted else -logits
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """``(B, embedding_size)`` -> ``(B, num_classes)`` logits, as PML's ``get_logits``."""
+        check_embeddings(embeddings, "embeddings")
         with full_precision(embeddings.device):
             return self._logits(embeddings.to(compute_dtype(embeddings, self.W)))
 
