@@ -309,12 +309,9 @@ def _candidates(dist: Tensor, is_open: Tensor, tau: Tensor) -> tuple[Tensor, Ten
     looked at. With ``width == 1``, ``is_open`` is the answer itself."""
     n, m = dist.shape
     width = m // is_open.shape[1]
-    if width == 1:
-        hit = _flat_nonzero(is_open)
-        return hit // m, hit % m, _take(dist, hit)
     open_blocks = _flat_nonzero(is_open)  # into (n, m / width)
-    if 4 * len(open_blocks) >= is_open.numel():  # dense: test every entry
-        hit = _flat_nonzero(dist <= tau.unsqueeze(1))
+    if width == 1 or 4 * len(open_blocks) >= is_open.numel():  # dense: test every entry
+        hit = open_blocks if width == 1 else _flat_nonzero(dist <= tau.unsqueeze(1))
         return hit // m, hit % m, _take(dist, hit)
     row, first_col = open_blocks // (m // width), open_blocks % (m // width) * width
     values = dist.view(-1, width).index_select(0, open_blocks)
