@@ -72,3 +72,49 @@ def test_already_reduced_and_multiple_terms_are_summed() -> None:
 def test_threshold_reducer_needs_a_bound() -> None:
     with pytest.raises(ValueError, match="low or high"):
         reducers.ThresholdReducer()
+
+
+def test_result_stays_connected_and_in_float32() -> None:
+    """Losses that do not depend on the embeddings (constants, a detached value) still give a
+    result connected to them, with a zero gradient; half-precision losses sum in float32."""
+    emb = torch.randn(5, 3, requires_grad=True)
+    constant: reducers.LossDict = {
+        "a": {"losses": torch.tensor([1.0, 2.0]), "indices": None, "reduction_type": "element"},
+        "b": {"losses": 0.0, "indices": None, "reduction_type": "already_reduced"},
+    }
+    for reducer in (reducers.MeanReducer(), reducers.MultipleReducers({})):
+        value = reducer(constant, emb)
+        assert value.requires_grad and float(value) == 1.5
+        value.backward()
+        assert emb.grad is not None and torch.all(emb.grad == 0)
+        emb.grad = None
+    half = (emb.half() * 2).sum(dim=1)
+    value = reducers.SumReducer()(_dict(half), emb)
+    assert value.dtype == torch.float32
+    value.backward()
+    assert emb.grad is not None and torch.allclose(emb.grad, torch.full_like(emb, 2.0))
+    assert reducers.MeanReducer()({}, emb).requires_grad
+
+
+def test_a_connected_loss_is_returned_without_an_extra_graph_branch() -> None:
+    """When the losses already depend on the embeddings, the reducer adds no zero term of its
+    own: the result's graph reaches the embeddings only through the losses (a zero term's
+    backward would fill and add a whole (B, D) gradient for nothing)."""
+    emb = torch.randn(6, 4, requires_grad=True)
+    value = reducers.MeanReducer()(_dict(emb.pow(2).sum(dim=1)), emb)
+
+    def reaches_leaf_directly(fn: object, seen: set[int]) -> int:
+        if fn is None or id(fn) in seen:
+            return 0
+        seen.add(id(fn))
+        paths = 0
+        for nxt, _ in fn.next_functions:  # type: ignore[attr-defined]
+            if type(nxt).__name__ == "AccumulateGrad":
+                paths += 1
+            else:
+                paths += reaches_leaf_directly(nxt, seen)
+        return paths
+
+    assert reaches_leaf_directly(value.grad_fn, set()) == 1
+    value.backward()
+    assert torch.allclose(emb.grad, 2 * emb.detach() / 6)

@@ -43,14 +43,31 @@ def zero_loss(embeddings: Tensor) -> Tensor:
     return embeddings.reshape(-1)[:1].float().sum() * 0
 
 
+def sum_reduced(parts: list[Tensor], embeddings: Tensor) -> Tensor:
+    """The sum of reduced entries as a float32 (or float64) scalar that is connected to
+    ``embeddings`` whenever they require a gradient.
+
+    A zero connected to the embeddings is added only when no entry already is: its backward
+    pass would fill and add a whole ``(B, D)`` gradient for nothing.
+    """
+    if not parts:
+        return zero_loss(embeddings)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    if total.dtype in (torch.float16, torch.bfloat16):
+        total = total.float()
+    if embeddings.requires_grad and not total.requires_grad:
+        total = total + zero_loss(embeddings)
+    return total
+
+
 class BaseReducer(nn.Module):
     """Reduce every entry of a loss dict with :meth:`reduce` and sum the results."""
 
     def forward(self, loss_dict: LossDict, embeddings: Tensor, labels: Tensor | None = None) -> Any:
-        total = zero_loss(embeddings)
-        for info in loss_dict.values():
-            total = total + self.reduce_info(info, embeddings)
-        return total
+        parts = [self.reduce_info(info, embeddings) for info in loss_dict.values()]
+        return sum_reduced(parts, embeddings)
 
     def reduce_info(self, info: LossInfo, embeddings: Tensor) -> Tensor:
         losses = info["losses"]
@@ -191,8 +208,8 @@ class MultipleReducers(BaseReducer):
         self.default_reducer = MeanReducer() if default_reducer is None else default_reducer
 
     def forward(self, loss_dict: LossDict, embeddings: Tensor, labels: Tensor | None = None) -> Any:
-        total = zero_loss(embeddings)
+        parts = []
         for name, info in loss_dict.items():
             reducer = self.reducers[name] if name in self.reducers else self.default_reducer
-            total = total + reducer({name: info}, embeddings, labels)
-        return total
+            parts.append(reducer({name: info}, embeddings, labels))
+        return sum_reduced(parts, embeddings)
