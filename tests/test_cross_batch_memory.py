@@ -402,6 +402,38 @@ def test_loss_excluding_self_equals_the_plain_loss_on_the_batch_itself() -> None
         _assert_same(excluded, _value_and_grad(loss, emb, labels), rtol=1e-9)
 
 
+@pytest.mark.parametrize("name", _pair_based_loss_names())
+def test_loss_excluding_self_against_explicit_pairs_with_odd_copies(name: str) -> None:
+    """Separate references holding copies of some queries, some of them under another label
+    (which no caller makes, but the pairs must then follow the masks' rule: only a same-label
+    copy is dropped, and only from the positives), checked against the loss given every pair
+    explicitly, built by a loop."""
+    loss = getattr(losses, name)(**REQUIRED_ARGS.get(name, {}))
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 3, (10,), generator=g)
+    ref_labels = torch.randint(0, 3, (16,), generator=g)
+    self_index = torch.tensor([3, -1, 7, 0, -1, 12, 15, 9, -1, 1])
+    ref_labels[self_index[:5].clamp_min(0)] = labels[:5]  # same-label copies (and two -1s)
+    ref_labels[torch.tensor([15, 9])] = (labels[torch.tensor([6, 7])] + 1) % 3  # other labels
+    emb = torch.randn(10, DIM, generator=g, dtype=torch.float64)
+    ref = torch.randn(16, DIM, generator=g, dtype=torch.float64)
+    pos, neg = [], []
+    for i in range(10):
+        for j in range(16):
+            if labels[i] != ref_labels[j]:
+                neg.append((i, j))
+            elif int(self_index[i]) != j:
+                pos.append((i, j))
+    a1, p = torch.tensor(pos).T
+    a2, n = torch.tensor(neg).T
+    got = _value_and_grad(
+        lambda e: loss_excluding_self(loss, e, labels, None, ref, ref_labels, self_index), emb
+    )
+    expected = _value_and_grad(loss, emb, labels, (a1, p, a2, n), ref, ref_labels)
+    _assert_same(got, expected, rtol=1e-9)
+    assert got[0] != 0
+
+
 def test_bad_input_raises_and_leaves_the_memory_unchanged() -> None:
     cbm = CrossBatchMemory(ContrastiveLoss(), DIM, memory_size=4)
     emb, labels = torch.randn(3, DIM), torch.arange(3)

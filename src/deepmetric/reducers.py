@@ -163,6 +163,19 @@ class ThresholdReducer(SelectingReducer):
         return f"low={self.low}, high={self.high}"
 
 
+def keeps_the_nonzero(reducer: BaseReducer) -> bool:
+    """True for a reducer that keeps exactly the losses above zero (an
+    :class:`AvgNonZeroReducer`, or a ``ThresholdReducer(low=0)``): for non-negative losses, its
+    selection is the losses' non-zero entries and needs no mask of its own."""
+    return (
+        isinstance(reducer, ThresholdReducer)
+        and type(reducer).select is ThresholdReducer.select
+        and reduces_by_selection(reducer)
+        and reducer.low == 0
+        and reducer.high is None
+    )
+
+
 class AvgNonZeroReducer(ThresholdReducer):
     """The mean of the losses that are greater than zero (the 'active' pairs or triplets)."""
 

@@ -294,8 +294,10 @@ class RowBlock:
     modify these tensors.
 
     ``diagonal`` is the offset in ``mat`` of the entries that pair a sample with itself (``None``
-    with a separate reference set); ``neg_mask`` the ``(c, R)`` boolean mask of the negatives
-    when they are not the labels' (a miner's pairs, or overridden masks).
+    with a separate reference set); ``self_rows``/``self_cols`` list the entries that pair a
+    query with its own copy in a separate reference set (same label, so neither a positive nor
+    a negative); ``neg_mask`` is the ``(c, R)`` boolean mask of the negatives when they are not
+    the labels' (a miner's pairs, or overridden masks).
     """
 
     def __init__(
@@ -305,17 +307,21 @@ class RowBlock:
         pos_cols: Tensor,
         diagonal: int | None,
         neg_mask: Tensor | None,
+        self_rows: Tensor | None = None,
+        self_cols: Tensor | None = None,
     ) -> None:
         self.mat = mat
         self.pos_rows = pos_rows
         self.pos_cols = pos_cols
         self._diagonal = diagonal
         self._neg_mask = neg_mask
+        self._self_rows = self_rows
+        self._self_cols = self_cols
 
     def fill_non_negatives_(self, x: Tensor, value: float) -> Tensor:
         """Set the ``(c, R)`` tensor ``x`` (finite values) to ``value`` wherever the entry is not a
-        negative pair, in place; return ``x``. From labels that is the positive pairs and the
-        diagonal: a few writes, no ``(c, R)`` mask."""
+        negative pair, in place; return ``x``. From labels that is the positive pairs, the
+        diagonal and the queries' own copies: a few writes, no ``(c, R)`` mask."""
         if self._neg_mask is not None:
             if value == 0 and x.is_floating_point():
                 # multiplying (finite values) by 0/1 bytes is much faster than a masked fill
@@ -324,6 +330,8 @@ class RowBlock:
         x[self.pos_rows, self.pos_cols] = value
         if self._diagonal is not None:
             x.diagonal(offset=self._diagonal).fill_(value)
+        if self._self_rows is not None and self._self_cols is not None:
+            x[self._self_rows, self._self_cols] = value
         return x
 
 
@@ -331,8 +339,9 @@ class PairBlocks:
     """A batch's positive pairs (a list) and negative pairs, served by blocks of rows.
 
     From labels nothing of size ``(B, R)`` is built: the positive pairs come from sorting the
-    reference labels, and a pair is negative unless it is positive or on the diagonal. Otherwise
-    (a miner's tuple, see :func:`pairs_are_the_labels`) the batch's ``(B, R)`` masks are built
+    reference labels, less each query's pair with its own copy (``batch.self_index``), and a pair
+    is negative unless it is positive, on the diagonal or such a copy. Otherwise (a miner's
+    tuple, or a batch whose ``masks`` are overridden) the batch's ``(B, R)`` masks are built
     first (a repeated pair counts once).
 
     Shapes: ``pos_rows``, ``pos_cols`` ``(P,)`` int64, row-major.
@@ -342,20 +351,33 @@ class PairBlocks:
         self.n_query, self.n_ref = len(batch.embeddings), len(batch.ref_emb)
         self.same_source = batch.same_source
         self.neg_mask: Tensor | None = None
-        if not pairs_are_the_labels(batch):
+        # entries pairing a query with its own copy among separate references (batch.self_index)
+        self.self_rows: Tensor | None = None
+        self.self_cols: Tensor | None = None
+        self.self_offsets: list[int] = []
+        if batch.indices_tuple is not None or type(batch).masks is not Batch.masks:
             pos_mask, self.neg_mask = batch.masks()
             self.pos_rows, self.pos_cols = torch.where(pos_mask)
             # a pair listed as both: read at the positives, not by a second (B, R) mask
             self.contradicting = bool(self.neg_mask[self.pos_rows, self.pos_cols].any())
             self.n_neg = int(self.neg_mask.sum())
         else:
-            assert batch.labels is not None and batch.ref_labels is not None
+            labels, ref_labels = batch.labels, batch.ref_labels
+            assert labels is not None and ref_labels is not None
             self.contradicting = False
-            self.pos_rows, self.pos_cols = same_label_pairs(
-                batch.labels, batch.ref_labels, batch.same_source
-            )
+            self.pos_rows, self.pos_cols = same_label_pairs(labels, ref_labels, batch.same_source)
             n_same = len(self.pos_rows) + (self.n_query if batch.same_source else 0)
             self.n_neg = self.n_query * self.n_ref - n_same
+            if batch.self_index is not None:
+                # a copy with the query's label: neither positive nor negative (one with
+                # another label, which no caller makes, stays a negative, as in Batch.masks)
+                rows, cols = batch.self_pairs()
+                same = labels[rows] == ref_labels[cols]
+                self.self_rows, self.self_cols = rows[same], cols[same]
+                keep = self.pos_cols != batch.self_index[self.pos_rows]
+                self.pos_rows, self.pos_cols = self.pos_rows[keep], self.pos_cols[keep]
+                self_counts = torch.bincount(self.self_rows, minlength=self.n_query)
+                self.self_offsets = [0, *torch.cumsum(self_counts, 0).tolist()]
         counts = torch.bincount(self.pos_rows, minlength=self.n_query)
         self.row_offsets = [0, *torch.cumsum(counts, 0).tolist()]
 
@@ -374,14 +396,24 @@ class PairBlocks:
         first, last = self.row_offsets[start], self.row_offsets[stop]
         rows, cols = self.pos_rows[first:last] - start, self.pos_cols[first:last]
         neg_mask = None if self.neg_mask is None else self.neg_mask[start:stop]
-        return RowBlock(mat, rows, cols, start if self.same_source else None, neg_mask)
+        self_rows = self_cols = None
+        if self.self_rows is not None and self.self_cols is not None:
+            first, last = self.self_offsets[start], self.self_offsets[stop]
+            self_rows, self_cols = self.self_rows[first:last] - start, self.self_cols[first:last]
+        diagonal = start if self.same_source else None
+        return RowBlock(mat, rows, cols, diagonal, neg_mask, self_rows, self_cols)
 
 
 def pairs_are_the_labels(batch: Batch) -> bool:
-    """True when a batch's pairs are exactly those its labels define: no miner tuple, and
-    :meth:`~deepmetric.losses.base.Batch.masks` not overridden (a subclass may drop pairs, e.g.
-    a query's own copy in a cross-batch memory). Then the pairs can come from the labels alone."""
-    return batch.indices_tuple is None and type(batch).masks is Batch.masks
+    """True when a batch's pairs are exactly those its labels define: no miner tuple, no
+    query's own copy among the references to leave out (``self_index``), and
+    :meth:`~deepmetric.losses.base.Batch.masks` not overridden. Then the pairs can come from the
+    labels alone."""
+    return (
+        batch.indices_tuple is None
+        and batch.self_index is None
+        and type(batch).masks is Batch.masks
+    )
 
 
 def same_label_pairs(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
+import torch
 from torch import Tensor, nn
 
 from .._checks import check_embeddings, check_indices_tuple, check_labels
@@ -25,6 +26,12 @@ class Batch:
 
     ``ref_emb``/``ref_labels`` are the queries themselves unless the caller passed a separate
     reference set; ``same_source`` records which, since a sample is never its own positive.
+
+    A separate reference set may still hold copies of the queries (the batch just written into a
+    cross-batch memory, or this process's shard of a gathered batch): ``self_index[i]`` is then
+    the column of query ``i``'s copy (``-1`` for none), and that pair is never a positive (nor
+    a negative: same label). Set by
+    :func:`~deepmetric.losses.cross_batch_memory.loss_excluding_self`.
     """
 
     embeddings: Tensor  # (B, D)
@@ -33,15 +40,32 @@ class Batch:
     ref_labels: Tensor | None  # (R,) int64
     same_source: bool
     indices_tuple: tuple[Tensor, ...] | None
+    self_index: Tensor | None = None  # (B,) int64
 
     def masks(self) -> tuple[Tensor, Tensor]:
         """Boolean ``(B, R)`` positive and negative masks: from the miner's tuple if given,
-        otherwise every pair the labels define."""
+        otherwise every pair the labels define; never a query with its own copy."""
         n_query, n_ref = len(self.embeddings), len(self.ref_emb)
         if self.indices_tuple is not None:
-            return masks_from_indices(self.indices_tuple, n_query, n_ref, self.embeddings.device)
-        assert self.labels is not None and self.ref_labels is not None
-        return label_masks(self.labels, self.ref_labels, self.same_source)
+            pos_mask, neg_mask = masks_from_indices(
+                self.indices_tuple, n_query, n_ref, self.embeddings.device
+            )
+        else:
+            assert self.labels is not None and self.ref_labels is not None
+            pos_mask, neg_mask = label_masks(self.labels, self.ref_labels, self.same_source)
+        if self.self_index is not None:
+            rows, cols = self.self_pairs()
+            pos_mask[rows, cols] = False
+        return pos_mask, neg_mask
+
+    def self_pairs(self) -> tuple[Tensor, Tensor]:
+        """The ``(n,)`` rows and columns of the queries that have a copy among the references
+        (see ``self_index``); empty when none has."""
+        if self.self_index is None:
+            empty = self.embeddings.new_empty(0, dtype=torch.long)
+            return empty, empty
+        rows = torch.where(self.self_index >= 0)[0]
+        return rows, self.self_index[rows]
 
 
 def prepare_batch(

@@ -17,6 +17,7 @@ from ..reducers import (
     BaseReducer,
     LossDict,
     SelectingReducer,
+    keeps_the_nonzero,
     reduce_masked,
     reduces_by_selection,
 )
@@ -58,11 +59,12 @@ def contrastive_block_sums_and_grads(
     pos_margin: float,
     neg_margin: float,
     distance: BaseDistance,
-    select: Callable[[Tensor], Tensor],
+    select: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """For the rows of ``block``: the sums of the positive and of the negative pair losses of
-    :func:`contrastive_pair_losses` that ``select`` keeps (a reducer's elementwise choice), how
-    many it keeps, and the gradient of each sum with respect to ``block.mat``.
+    :func:`contrastive_pair_losses` that ``select`` keeps (a reducer's elementwise choice;
+    ``None``: the losses above zero, as :class:`~deepmetric.reducers.AvgNonZeroReducer`
+    keeps), how many it keeps, and the gradient of each sum with respect to ``block.mat``.
 
     Returns ``(pos_sum, pos_selected, pos_grad, neg_sum, neg_selected, neg_grad)``: scalars, the
     ``(P,)`` gradient at the positive entries of ``block`` (in its order) and the dense ``(c, R)``
@@ -71,14 +73,18 @@ def contrastive_block_sums_and_grads(
     mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
     sign = 1.0 if distance.is_inverted else -1.0  # d(negative violation) / d mat
     neg_losses = block.fill_non_negatives_(distance.margin(neg_margin, mat).clamp_min_(0), 0.0)
-    # what the reducer keeps of the negatives, as 0/1 bytes (fast arithmetic, unlike bool)
-    neg_keep = block.fill_non_negatives_(select(neg_losses), False).view(torch.uint8)
-    neg_losses.mul_(neg_keep)
-    neg_sum, neg_selected = neg_losses.sum(), neg_keep.sum()
+    if select is None:  # the losses above zero: no mask needed
+        neg_selected = torch.count_nonzero(neg_losses)
+    else:
+        # what the reducer keeps of the negatives, as 0/1 bytes (fast arithmetic, unlike bool)
+        neg_keep = block.fill_non_negatives_(select(neg_losses), False).view(torch.uint8)
+        neg_losses.mul_(neg_keep)
+        neg_selected = neg_keep.sum()
+    neg_sum = neg_losses.sum()
     # relu's slope is 1 where a loss is positive: the sign of the kept losses
     neg_grad = neg_losses.sign_().mul_(sign)
     pos_losses = F.relu(distance.margin(mat[rows, cols], pos_margin))
-    pos_keep = select(pos_losses)
+    pos_keep = pos_losses > 0 if select is None else select(pos_losses)
     pos_losses.mul_(pos_keep)
     pos_grad = pos_losses.sign().mul_(-sign)
     return pos_losses.sum(), pos_keep.sum(), pos_grad, neg_sum, neg_selected, neg_grad
@@ -111,7 +117,7 @@ class _BlockwiseContrastive(torch.autograd.Function):
         pairs: PairBlocks,
         kind: MatrixKind,
         loss: ContrastiveLoss,
-        select: Callable[[Tensor], Tensor],
+        select: Callable[[Tensor], Tensor] | None,
         need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         same = pairs.same_source
@@ -259,8 +265,9 @@ class ContrastiveLoss(BaseMetricLossFunction):
         query, ref = normalized_inputs(self.distance, batch)
         need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
         with full_precision(query.device):
+            select = None if keeps_the_nonzero(reducer) else reducer.select
             pos_sum, neg_sum, pos_selected, neg_selected = _BlockwiseContrastive.apply(
-                query, ref, pairs, kind, self, reducer.select, need_grad
+                query, ref, pairs, kind, self, select, need_grad
             )
         loss_dict: LossDict = {}
         for name, total, selected, n_pairs in (

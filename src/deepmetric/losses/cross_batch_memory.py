@@ -12,7 +12,7 @@ its streamed ``O(B·R)`` path (no index tuple of all triplets is ever built for 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,25 +29,6 @@ from .base import BaseMetricLossFunction, Batch, prepare_batch
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SelfExcludingBatch(Batch):
-    """A :class:`Batch` whose reference set holds copies of (some of) the queries.
-
-    ``self_index`` is ``(B,)`` int64: the column of ``ref_emb`` that holds query ``i`` itself, or
-    ``-1``. Those pairs are never positives (they are never negatives either: same label).
-    """
-
-    self_index: Tensor | None = None
-
-    def masks(self) -> tuple[Tensor, Tensor]:
-        pos_mask, neg_mask = super().masks()
-        if self.self_index is not None:
-            has_copy = self.self_index >= 0
-            rows = torch.arange(len(self.self_index), device=pos_mask.device)[has_copy]
-            pos_mask[rows, self.self_index[has_copy]] = False
-        return pos_mask, neg_mask
-
-
 def remove_self_pairs(indices_tuple: tuple[Tensor, ...], self_index: Tensor) -> tuple[Tensor, ...]:
     """Drop the positive pairs ``(a, self_index[a])`` (and the triplets built on them) from a
     miner's ``(a, p, n)`` or ``(a1, p, a2, n)`` tuple."""
@@ -60,18 +41,20 @@ def remove_self_pairs(indices_tuple: tuple[Tensor, ...], self_index: Tensor) -> 
     return a1[keep], p[keep], a2, n
 
 
-def _excluding_self(batch: Batch, self_index: Tensor | None) -> SelfExcludingBatch:
-    values = {f.name: getattr(batch, f.name) for f in fields(Batch)}
-    if self_index is not None:
-        self_index = self_index.to(device=batch.embeddings.device, dtype=torch.long)
-        if self_index.shape != (len(batch.embeddings),):
-            raise ValueError(
-                f"self_index must have shape ({len(batch.embeddings)},), "
-                f"got {tuple(self_index.shape)}"
-            )
-        if batch.indices_tuple is not None:
-            values["indices_tuple"] = remove_self_pairs(batch.indices_tuple, self_index)
-    return SelfExcludingBatch(**values, self_index=self_index)
+def _excluding_self(batch: Batch, self_index: Tensor | None) -> Batch:
+    """``batch`` with :attr:`~deepmetric.losses.base.Batch.self_index` set (and the self-pairs
+    removed from its miner tuple, if any)."""
+    if self_index is None:
+        return batch
+    self_index = self_index.to(device=batch.embeddings.device, dtype=torch.long)
+    if self_index.shape != (len(batch.embeddings),):
+        raise ValueError(
+            f"self_index must have shape ({len(batch.embeddings)},), got {tuple(self_index.shape)}"
+        )
+    indices_tuple = batch.indices_tuple
+    if indices_tuple is not None:
+        indices_tuple = remove_self_pairs(indices_tuple, self_index)
+    return replace(batch, indices_tuple=indices_tuple, self_index=self_index)
 
 
 def loss_excluding_self(
