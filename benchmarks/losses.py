@@ -14,7 +14,8 @@ For each case (loss, B, K):
   ``max_memory_allocated`` on CUDA). The process may take ``--mem-cap-gb`` more than that and
   ``--timeout`` seconds; a library that exceeds either is recorded as ``failed: out of memory``
   / ``timeout`` and not timed;
-* **time**: one more process runs both libraries on the same inputs, interleaved (ours, PML,
+* **time**: one more process (keeping freed heap memory, ``TIMING_ENV``, as a training run of
+  deepmetric's command line does) runs both libraries on the same inputs, interleaved (ours, PML,
   ours, PML, ...): a warm-up, then ``--repeats`` rounds (fewer from B = 1024 on, and none started
   after ``--time-budget`` seconds), each a sample of one or more steps (at least 50 ms); the
   median milliseconds per step of each library and the ratio PML / ours;
@@ -64,6 +65,7 @@ from typing import Any
 import torch
 from _common import (
     MEMORY_ENV,
+    TIMING_ENV,
     MemoryProbe,
     cap_memory,
     describe_failure,
@@ -589,7 +591,7 @@ def run_case(args: argparse.Namespace, case: Case, b: int, k: int) -> dict[str, 
         # Other processes on the machine skew the times: keep the load next to them.
         row["load_average_1min"] = os.getloadavg()[0]
         spec = worker_spec(args, case, "time", to_time, b, k)
-        result = run_worker(SCRIPT, spec, args.timeout, args.threads)
+        result = run_worker(SCRIPT, spec, args.timeout, args.threads, TIMING_ENV)
         timed = result.get("libraries", {})
         for library in to_time:
             outcome = timed.get(library, {"status": result.get("status", "failed: no result")})

@@ -168,3 +168,29 @@ def test_self_distance_gradient_matches_direct_differences() -> None:
     direct = torch.sqrt(((x[:, None] - x[None]) ** 2).sum(-1) + eye) * (1 - eye)
     (direct * weights).sum().backward()
     torch.testing.assert_close(ours, x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_l2_normalize_matches_f_normalize_with_first_and_second_derivatives(dim: int) -> None:
+    """The hand-written backward of the distances' L2 normalisation against torch's
+    ``F.normalize``: same values and gradients (also for a zero row and one below the norm
+    floor, where the gradient is grad / eps), and gradcheck / gradgradcheck."""
+    from deepmetric.distances import l2_normalize
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    index = (slice(None), 1) if dim == 0 else (1,)
+    x[index] = 0
+    x[(slice(None), 2) if dim == 0 else (2,)] = 1e-14
+    grad = torch.randn(6, 5, dtype=torch.float64)
+    results = []
+    for fn in (l2_normalize, torch.nn.functional.normalize):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf, dim=dim)
+        out.backward(grad)
+        results.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=0)
+    smooth = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: l2_normalize(t, dim), (smooth,))
+    assert torch.autograd.gradgradcheck(lambda t: l2_normalize(t, dim), (smooth,))

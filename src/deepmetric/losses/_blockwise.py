@@ -639,6 +639,7 @@ class _PairDistances(torch.autograd.Function):
         if kind is MatrixKind.EUCLIDEAN:
             dists.sqrt_()
         ctx.kind = kind
+        ctx.same_tensor = query is ref
         ctx.save_for_backward(query, ref, rows, cols, dists)
         return dists
 
@@ -650,6 +651,10 @@ class _PairDistances(torch.autograd.Function):
         need_query, need_ref = ctx.needs_input_grad[:2]
         grad_query = torch.zeros_like(query) if need_query else None
         grad_ref = torch.zeros_like(ref) if need_ref else None
+        if ctx.same_tensor and grad_query is not None:
+            # the references are the queries: one gradient takes both roles (autograd would
+            # otherwise add a second (B, D) gradient to it)
+            grad_ref = grad_query
         weight = embedding_weight_(kind, grad_dists.clone(), dists).unsqueeze(1)
         for start, stop in row_blocks(len(rows), query.shape[1], query.device):
             a, b, w = rows[start:stop], cols[start:stop], weight[start:stop]
@@ -664,6 +669,8 @@ class _PairDistances(torch.autograd.Function):
                 grad_query.index_add_(0, a, diff)
             if grad_ref is not None:
                 grad_ref.index_add_(0, b, diff, alpha=-1.0)
+        if ctx.same_tensor and grad_query is not None:
+            return grad_query, None, None, None, None
         return grad_query, grad_ref, None, None, None
 
 
