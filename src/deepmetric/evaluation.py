@@ -82,8 +82,10 @@ DEFAULT_CHUNK_SIZE = 2048
 #: queries fits in this many bytes; beyond it, query chunks are processed one after the other.
 SYMMETRIC_STATE_BYTES = 1 << 30
 #: Self-retrieval keeps the augmented query and reference forms of all blocks when they fit in
-#: this many bytes (both forms of 128k rows of 128-d embeddings).
-AUGMENTED_CACHE_BYTES = 1 << 27
+#: this many bytes (both forms of 32k rows of 128-d embeddings): it saves a gather and a copy
+#: per block product, which weighs most where products are few (10k: about 5%); beyond, the
+#: forms are made again for each product, so memory stays bounded by the chunk size.
+AUGMENTED_CACHE_BYTES = 1 << 25
 #: Rough bound on the bytes of the temporaries of one step of the rank-counting pass.
 _RANK_PASS_BYTES = 1 << 27
 

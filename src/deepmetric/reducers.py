@@ -97,12 +97,16 @@ class SelectingReducer(BaseReducer):
         raise NotImplementedError
 
     def reduce(self, losses: Tensor, embeddings: Tensor) -> Tensor:
+        n_total = torch.tensor(losses.numel(), device=losses.device)
+        if type(self).select is SelectingReducer.select:  # every loss counts: no mask to build
+            return losses.sum() / self.divisor(n_total, n_total).to(losses.dtype)
         keep = self.select(losses)
         n_selected = keep.sum()
         if int(n_selected) == 0:
             return zero_loss(embeddings) + (losses * 0).sum()
-        n_total = torch.tensor(losses.numel(), device=losses.device)
-        return losses[keep].sum() / self.divisor(n_selected, n_total).to(losses.dtype)
+        # a masked sum rather than losses[keep]: no index list, and no scatter in the backward
+        kept = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+        return kept.sum() / self.divisor(n_selected, n_total).to(losses.dtype)
 
 
 def reduces_by_selection(reducer: BaseReducer) -> bool:
