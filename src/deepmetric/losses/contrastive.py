@@ -96,6 +96,18 @@ def contrastive_block_sums_and_grads(
 _FEW_NEGATIVES = 64
 
 
+def _add_entries(
+    entries: tuple[list[Tensor], ...], rows: Tensor, cols: Tensor, weights: Tensor, mirrored: bool
+) -> None:
+    """Append matrix entries (and, for a mirrored tile, their transposes) to a list of rows,
+    columns and weights."""
+    for part, values in zip(entries, (rows, cols, weights), strict=True):
+        part.append(values)
+    if mirrored:
+        for part, values in zip(entries, (cols, rows, weights), strict=True):
+            part.append(values)
+
+
 class _BlockwiseContrastive(torch.autograd.Function):
     """``(B, D)`` queries and ``(R, D)`` references -> the kept positive and negative loss sums
     and how many losses each kept (see :func:`contrastive_block_sums_and_grads`), one block of
@@ -130,52 +142,60 @@ class _BlockwiseContrastive(torch.autograd.Function):
         neg_query, neg_ref, pos_query, pos_ref = grads
         if same:
             neg_ref, pos_ref = neg_query, pos_query
-        pos_weight = query.new_empty(pairs.n_pos)
-        few_negatives: tuple[list[Tensor], ...] = ([], [], [])  # rows, columns, weights
+        # entries whose gradient is added from a list at the end: rows, columns, weights
+        positives: tuple[list[Tensor], ...] = ([], [], [])
+        few_negatives: tuple[list[Tensor], ...] = ([], [], [])
         sums = query.new_zeros(2)
         selected = torch.zeros(2, dtype=torch.long, device=query.device)
         matrix = MatrixBlocks(kind, query, ref, same)
-        for start, stop in matrix.bounds():
-            mat = matrix.rows(start, stop)
-            block = pairs.block(mat, start, stop)
+        for r0, r1, c0, c1, mirrored in pairs.tiles(query.device):
+            mat = matrix.tile(r0, r1, c0, c1)
+            block = pairs.tile(mat, r0, r1, c0, c1)
             pos_sum, pos_sel, pos_grad, neg_sum, neg_sel, neg_grad = (
                 contrastive_block_sums_and_grads(
                     block, loss.pos_margin, loss.neg_margin, loss.distance, select
                 )
             )
-            sums += torch.stack([pos_sum, neg_sum])
-            selected += torch.stack([pos_sel, neg_sel])
-            if need_grad and int(neg_sel) * _FEW_NEGATIVES > neg_grad.numel():
+            copies = 2 if mirrored else 1  # a mirrored tile's pairs count for its transpose too
+            sums += copies * torch.stack([pos_sum, neg_sum])
+            selected += copies * torch.stack([pos_sel, neg_sel])
+            if not need_grad:
+                continue
+            assert neg_query is not None
+            if int(neg_sel) * _FEW_NEGATIVES > neg_grad.numel():
                 weight = embedding_weight_(kind, neg_grad, mat)
-                add_block_embedding_grads_(
-                    kind, query, ref, start, weight, neg_query, neg_ref, pairs.symmetric
-                )
-            elif need_grad and int(neg_sel) > 0:  # only the few kept negatives have a gradient
+                if mirrored:  # both roles of both sides: rows [r0:r1] and columns [c0:c1]
+                    add_block_embedding_grads_(
+                        kind, query, ref[c0:c1], r0, weight.mul_(2), neg_query, neg_query[c0:c1]
+                    )
+                else:
+                    neg_ref_part = None if neg_ref is None else neg_ref[c0:c1]
+                    add_block_embedding_grads_(
+                        kind,
+                        query,
+                        ref[c0:c1],
+                        r0,
+                        weight,
+                        neg_query,
+                        neg_ref_part,
+                        pairs.symmetric,
+                    )
+            elif int(neg_sel) > 0:  # only the few kept negatives have a gradient
                 rows, cols = torch.where(neg_grad)
                 weights = embedding_weight_(kind, neg_grad[rows, cols], mat[rows, cols])
-                for part, entries in zip(few_negatives, (rows + start, cols, weights), strict=True):
-                    part.append(entries)
-            if need_grad:
-                pos_dist = mat[block.pos_rows, block.pos_cols]
-                first, last = pairs.row_offsets[start], pairs.row_offsets[stop]
-                pos_weight[first:last] = embedding_weight_(kind, pos_grad, pos_dist)
-        if need_grad:
-            add_pair_embedding_grads_(
-                kind,
-                query,
-                ref,
-                pairs.pos_rows,
-                pairs.pos_cols,
-                pos_weight,
-                pos_query,
-                pos_ref,
-                pairs.symmetric,
-            )
-        if few_negatives[0]:
-            rows, cols, weights = (torch.cat(part) for part in few_negatives)
-            add_pair_embedding_grads_(
-                kind, query, ref, rows, cols, weights, neg_query, neg_ref, pairs.symmetric
-            )
+                _add_entries(few_negatives, rows + r0, cols + c0, weights, mirrored)
+            pos_dist = mat[block.pos_rows, block.pos_cols]
+            weights = embedding_weight_(kind, pos_grad, pos_dist)
+            _add_entries(positives, block.pos_rows + r0, block.pos_cols + c0, weights, mirrored)
+        for entries, grad_query, grad_ref in (
+            (positives, pos_query, pos_ref),
+            (few_negatives, neg_query, neg_ref),
+        ):
+            if entries[0]:
+                rows, cols, weights = (torch.cat(part) for part in entries)
+                add_pair_embedding_grads_(
+                    kind, query, ref, rows, cols, weights, grad_query, grad_ref, pairs.symmetric
+                )
         ctx.save_for_backward(*(torch.zeros(0) if g is None else g for g in grads))
         ctx.mark_non_differentiable(selected)
         return sums[0], sums[1], selected[0], selected[1]
