@@ -223,19 +223,28 @@ def _augment(x: Tensor, squared_norms: Tensor, as_query: bool) -> Tensor:
     return torch.cat([p if p.ndim == 2 else p.unsqueeze(1) for p in parts], dim=1)
 
 
-#: When block minima bound the k-th distances, a block holds at least this many times k blocks:
-#: the k-th smallest of 8k minima is a much tighter bound than the k-th of 2k (about k / 8k of
-#: the blocks stay open rather than half), which keeps the first scan of every query sparse
-#: (measured: 10k self-retrieval 5-10% faster than with 2k).
+#: When block minima bound the k-th distances, a block holds at least this many times k blocks
+#: if they can still be ``_MIN_BOUND_WIDTH`` wide: the k-th smallest of 8k minima is a much
+#: tighter bound than the k-th of 2k (about k / 8k of the blocks stay open rather than half),
+#: which keeps the first scan of every query sparse (10k self-retrieval, k = 22: 5-10% faster).
+#: For a k large next to the block, narrower blocks would cost more than they save (10k queries
+#: against 100k references, k = 130: 40% slower): then 2k blocks, as wide as they can be.
 _BOUND_BLOCKS_PER_K = 8
+_MIN_BOUND_WIDTH = 8
 
 
 def _block_width(n_refs: int, k: int, bound: bool, cap: int) -> int:
     """References per block minimum for a block of ``n_refs``: a power of two up to ``cap``
     dividing ``n_refs``; with ``bound``, small enough to leave ``_BOUND_BLOCKS_PER_K · k``
-    blocks or more (at least 2k, so that the k-th smallest block minimum bounds the k-th
-    distance)."""
-    width = min(cap, max(1, n_refs // (_BOUND_BLOCKS_PER_K * k))) if bound else cap
+    blocks or more where that leaves them at least ``_MIN_BOUND_WIDTH`` wide, else ``2k`` blocks
+    or more (so that the k-th smallest block minimum bounds the k-th distance)."""
+    if bound:
+        width = n_refs // (_BOUND_BLOCKS_PER_K * k)
+        if width < _MIN_BOUND_WIDTH:
+            width = n_refs // (2 * k)
+        width = min(cap, max(1, width))
+    else:
+        width = cap
     return math.gcd(n_refs, 1 << int(math.log2(width)))
 
 

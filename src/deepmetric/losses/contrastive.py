@@ -118,7 +118,10 @@ class _BlockwiseContrastive(torch.autograd.Function):
     all): the backward pass only scales them. Nothing of size ``(B, R)`` outlives a block. Only
     the kept negatives have a gradient; when a block has few, they are handled as a list. When
     the pairs are symmetric (:attr:`~deepmetric.losses._blockwise.PairBlocks.symmetric`), so are
-    the weights, and each block adds both roles of its rows with one matrix product.
+    the weights: each block adds both roles of its rows with one matrix product, and a large
+    batch is read as the square tiles on and above the diagonal
+    (:meth:`~deepmetric.losses._blockwise.PairBlocks.tiles`), a tile off the diagonal counting
+    twice (its sums, and its gradients for its rows and its columns).
     """
 
     @staticmethod
