@@ -226,11 +226,12 @@ def _augment(x: Tensor, squared_norms: Tensor, as_query: bool) -> Tensor:
 #: When block minima bound the k-th distances, a block holds at least this many times k blocks
 #: if they can still be ``_MIN_BOUND_WIDTH`` wide: the k-th smallest of 8k minima is a much
 #: tighter bound than the k-th of 2k (about k / 8k of the blocks stay open rather than half),
-#: which keeps the first scan of every query sparse (10k self-retrieval, k = 22: 5-10% faster).
-#: For a k large next to the block, narrower blocks would cost more than they save (10k queries
-#: against 100k references, k = 130: 40% slower): then 2k blocks, as wide as they can be.
+#: which keeps the first scan of every query sparse (10k self-retrieval, k = 22, blocks of 8:
+#: 5-10% faster; 50k, k = 70, blocks of 2: 13%). For a k so large next to the block that the
+#: minima would be single entries, they cost more than they save (10k queries against 100k
+#: references, k = 130: 40% slower): then 2k blocks, as wide as they can be.
 _BOUND_BLOCKS_PER_K = 8
-_MIN_BOUND_WIDTH = 8
+_MIN_BOUND_WIDTH = 2
 
 
 def _block_width(n_refs: int, k: int, bound: bool, cap: int) -> int:
