@@ -105,8 +105,8 @@ class SelectingReducer(BaseReducer):
         if int(n_selected) == 0:
             return zero_loss(embeddings) + (losses * 0).sum()
         # a masked sum rather than losses[keep]: no index list, and no scatter in the backward
-        kept = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
-        return kept.sum() / self.divisor(n_selected, n_total).to(losses.dtype)
+        divisor = self.divisor(n_selected, n_total).to(losses.dtype)
+        return torch.where(keep, losses, 0).sum() / divisor
 
 
 def reduces_by_selection(reducer: BaseReducer) -> bool:
