@@ -405,18 +405,14 @@ class PairBlocks:
     def tile(self, mat: Tensor, r0: int, r1: int, c0: int, c1: int) -> RowBlock:
         """The :class:`RowBlock` of the entries ``[r0:r1, c0:c1]``, held by ``mat`` (columns,
         like rows, counted from the tile's corner)."""
-        whole_rows = c0 == 0 and c1 >= self.n_ref
-        first, last = self.row_offsets[r0], self.row_offsets[r1]
-        rows, cols = self.pos_rows[first:last] - r0, self.pos_cols[first:last]
-        if not whole_rows:
-            rows, cols = _inside(rows, cols, c0, c1)
+        corner = (r0, r1, c0, c1 if c0 > 0 or c1 < self.n_ref else None)
+        rows, cols = _entries_in(self.pos_rows, self.pos_cols, self.row_offsets, *corner)
         neg_mask = None if self.neg_mask is None else self.neg_mask[r0:r1, c0:c1]
         self_rows = self_cols = None
         if self.self_rows is not None and self.self_cols is not None:
-            first, last = self.self_offsets[r0], self.self_offsets[r1]
-            self_rows, self_cols = self.self_rows[first:last] - r0, self.self_cols[first:last]
-            if not whole_rows:
-                self_rows, self_cols = _inside(self_rows, self_cols, c0, c1)
+            self_rows, self_cols = _entries_in(
+                self.self_rows, self.self_cols, self.self_offsets, *corner
+            )
         diagonal = r0 - c0 if self.same_source else None
         return RowBlock(mat, rows, cols, diagonal, neg_mask, self_rows, self_cols)
 
@@ -441,8 +437,16 @@ class PairBlocks:
                 yield r0, min(r0 + side, n), c0, min(c0 + side, n), c0 != r0
 
 
-def _inside(rows: Tensor, cols: Tensor, c0: int, c1: int) -> tuple[Tensor, Tensor]:
-    """The entries whose column is in ``[c0, c1)``, columns counted from ``c0``."""
+def _entries_in(
+    rows: Tensor, cols: Tensor, row_offsets: list[int], r0: int, r1: int, c0: int, c1: int | None
+) -> tuple[Tensor, Tensor]:
+    """The entries of a row-major list (``row_offsets[i]``: where row ``i`` starts) that lie in
+    rows ``[r0, r1)`` and, unless ``c1`` is ``None`` (whole rows), columns ``[c0, c1)``; counted
+    from the corner ``(r0, c0)``."""
+    first, last = row_offsets[r0], row_offsets[r1]
+    rows, cols = rows[first:last] - r0, cols[first:last]
+    if c1 is None:
+        return rows, cols
     keep = (cols >= c0) & (cols < c1)
     return rows[keep], cols[keep] - c0
 
