@@ -429,10 +429,11 @@ def test_same_label_pairs_match_the_label_masks(
 ) -> None:
     query = torch.tensor(labels, dtype=torch.long)
     ref = query if same_source else torch.tensor(ref_labels, dtype=torch.long)
-    rows, cols = blockwise.same_label_pairs(query, ref, same_source)
+    rows, cols, counts = blockwise.same_label_pairs(query, ref, same_source)
     pos_mask, _ = label_masks(query, ref, same_source)
     expected_rows, expected_cols = torch.where(pos_mask)
     assert torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)
+    assert torch.equal(counts, pos_mask.sum(dim=1))
 
 
 @settings(max_examples=40, deadline=None)

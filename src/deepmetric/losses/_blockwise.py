@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -368,11 +369,14 @@ class PairBlocks:
             # a pair listed as both: read at the positives, not by a second (B, R) mask
             self.contradicting = bool(self.neg_mask[self.pos_rows, self.pos_cols].any())
             self.n_neg = int(self.neg_mask.sum())
+            counts = torch.bincount(self.pos_rows, minlength=self.n_query)
         else:
             labels, ref_labels = batch.labels, batch.ref_labels
             assert labels is not None and ref_labels is not None
             self.contradicting = False
-            self.pos_rows, self.pos_cols = same_label_pairs(labels, ref_labels, batch.same_source)
+            self.pos_rows, self.pos_cols, counts = same_label_pairs(
+                labels, ref_labels, batch.same_source
+            )
             n_same = len(self.pos_rows) + (self.n_query if batch.same_source else 0)
             self.n_neg = self.n_query * self.n_ref - n_same
             if batch.self_index is not None:
@@ -385,7 +389,7 @@ class PairBlocks:
                 self.pos_rows, self.pos_cols = self.pos_rows[keep], self.pos_cols[keep]
                 self_counts = torch.bincount(self.self_rows, minlength=self.n_query)
                 self.self_offsets = [0, *torch.cumsum(self_counts, 0).tolist()]
-        counts = torch.bincount(self.pos_rows, minlength=self.n_query)
+                counts = torch.bincount(self.pos_rows, minlength=self.n_query)
         self.row_offsets = [0, *torch.cumsum(counts, 0).tolist()]
 
     @property
@@ -465,24 +469,33 @@ def pairs_are_the_labels(batch: Batch) -> bool:
 
 def same_label_pairs(
     labels: Tensor, ref_labels: Tensor, same_source: bool
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Every ``(i, j)`` with ``labels[i] == ref_labels[j]`` (and ``i != j`` when the references
-    are the queries), in row-major order, without comparing all ``B × R`` pairs.
+    are the queries), in row-major order, without comparing all ``B × R`` pairs; and how many
+    each row has.
 
-    Shapes: ``(B,)``, ``(R,)`` -> two ``(P,)`` int64 tensors.
+    The references sorted by label (stably: equal labels keep ascending columns) hold row
+    ``i``'s pairs as one run; a query among its own references skips its own place in the run.
+
+    Shapes: ``(B,)``, ``(R,)`` -> two ``(P,)`` int64 tensors and the ``(B,)`` counts.
     """
-    order = torch.argsort(ref_labels, stable=True)  # equal labels keep ascending columns
-    sorted_ref = ref_labels[order]
+    order = torch.argsort(ref_labels, stable=True)
+    sorted_ref = ref_labels.index_select(0, order)
     first = torch.searchsorted(sorted_ref, labels)
     count = torch.searchsorted(sorted_ref, labels, right=True) - first
-    rows = torch.repeat_interleave(torch.arange(len(labels), device=labels.device), count)
-    run_start = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-    within = torch.arange(len(rows), device=labels.device) - run_start
-    cols = order[torch.repeat_interleave(first, count) + within]
     if same_source:
-        keep = rows != cols
-        rows, cols = rows[keep], cols[keep]
-    return rows, cols
+        count -= 1  # every label's run holds the query itself
+    total = int(count.sum())
+    row_index = torch.arange(len(labels), device=labels.device)
+    rows = torch.repeat_interleave(row_index, count, output_size=total)
+    # the k-th pair of row i is entry first[i] + k of its run (past its own place if reached)
+    # (index_select: a much cheaper gather than indexing with a tensor, on the CPU)
+    run_offset = first.sub_(torch.cumsum(count, 0).sub_(count)).index_select(0, rows)
+    place = torch.arange(total, device=labels.device).add_(run_offset)
+    if same_source:
+        own_place = torch.empty_like(order).scatter_(0, order, row_index)
+        place += place >= own_place.index_select(0, rows)
+    return rows, order.index_select(0, place), count
 
 
 def pair_blocks_to_learn_from(batch: Batch) -> PairBlocks | None:
@@ -610,6 +623,33 @@ def sparse_softmax(x: Tensor, rows: Tensor, n_rows: int, with_one: bool) -> tupl
     return lse, exps / total[rows]
 
 
+def sparse_product(
+    rows: Tensor, cols: Tensor, weight: Tensor, n_rows: int, dense: Tensor
+) -> Tensor:
+    """The ``(n_rows, D)`` product of the sparse matrix with entries ``weight_k`` at
+    ``(rows_k, cols_k)`` (``(n,)`` each, repeated entries adding up) with the ``(R, D)`` matrix
+    ``dense``: row ``i`` is ``Σ_{k: rows_k = i} weight_k dense[cols_k]``.
+
+    The entries are sorted by row into a compressed-row (CSR) matrix, whose product is a
+    library kernel (MKL on the CPU, cuSPARSE on CUDA): 3 to 10 times faster than scattering
+    gathered rows with ``index_add_`` or than a COO product, which coalesces first.
+    """
+    order = torch.argsort(rows, stable=True)
+    row_starts = rows.new_zeros(n_rows + 1)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=row_starts[1:])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": its product is not
+        warnings.simplefilter("ignore", UserWarning)
+        # the indices are in range by construction: no (slow) invariant checks
+        matrix = torch.sparse_csr_tensor(
+            row_starts,
+            cols[order],
+            weight[order],
+            (n_rows, len(dense)),
+            check_invariants=False,
+        )
+    return matrix @ dense
+
+
 def add_pair_embedding_grads_(
     kind: MatrixKind,
     query: Tensor,
@@ -623,34 +663,30 @@ def add_pair_embedding_grads_(
 ) -> None:
     """:func:`add_block_embedding_grads_` for a list of entries ``(rows_k, cols_k)`` of the
     matrix with weights ``weight_k`` (``(n,)`` each): the weight matrix is sparse, and the work
-    is proportional to the number of entries (a sparse matrix product, no gathered copies of the
-    embeddings)."""
+    is proportional to the number of entries (:func:`sparse_product`, no gathered copies of the
+    embeddings). When ``grad_query`` and ``grad_ref`` are one tensor (the references are the
+    queries) and the entries not :attr:`~PairBlocks.symmetric`, both roles are added with one
+    product over the entries and their transposes."""
     if len(rows) == 0:
         return
     euclidean = kind is not MatrixKind.INNER_PRODUCT
-    shape = (len(query), len(ref))
-    # the indices are in range by construction: opt out of the (slow) invariant checks
-    sparse = torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), weight, shape, check_invariants=False
-    )
+    sign = -1.0 if euclidean else 1.0
+    # a symmetric weight matrix: the references' role equals the queries', added twice
+    scale = 2.0 if symmetric else 1.0
+    if grad_query is not None and grad_ref is grad_query and not symmetric:  # one for both roles
+        rows, cols = torch.cat([rows, cols]), torch.cat([cols, rows])
+        weight = torch.cat([weight, weight])
+        grad_ref = None
     if grad_query is not None:
-        scale = 2.0 if symmetric else 1.0
+        grad_query.add_(sparse_product(rows, cols, weight, len(query), ref), alpha=sign * scale)
         if euclidean:
-            grad_query.sub_(torch.sparse.mm(sparse, ref), alpha=scale)
             row_sums = weight.new_zeros(len(query)).index_add_(0, rows, weight)
             grad_query.addcmul_(row_sums.unsqueeze(1), query, value=scale)
-        else:
-            grad_query.add_(torch.sparse.mm(sparse, ref), alpha=scale)
     if grad_ref is not None and not symmetric:
-        transposed = torch.sparse_coo_tensor(
-            torch.stack([cols, rows]), weight, shape[::-1], check_invariants=False
-        )
+        grad_ref.add_(sparse_product(cols, rows, weight, len(ref), query), alpha=sign)
         if euclidean:
-            grad_ref.sub_(torch.sparse.mm(transposed, query))
             col_sums = weight.new_zeros(len(ref)).index_add_(0, cols, weight)
             grad_ref.addcmul_(col_sums.unsqueeze(1), ref)
-        else:
-            grad_ref.add_(torch.sparse.mm(transposed, query))
 
 
 def selects_elementwise(reducer: BaseReducer) -> bool:
@@ -687,7 +723,8 @@ class _PairDistances(torch.autograd.Function):
     """``(B, D)`` queries, ``(R, D)`` references and ``(n,)`` index pairs -> the ``(n,)``
     distances of a :class:`MatrixKind` between ``query[rows_k]`` and ``ref[cols_k]``, computed
     directly from the differences (no matrix product), a chunk of pairs at a time so that the
-    gathered ``(chunk, D)`` rows stay small; the backward pass recomputes them the same way."""
+    gathered ``(chunk, D)`` rows stay small; the backward pass is two sparse products
+    (:func:`add_pair_embedding_grads_`)."""
 
     @staticmethod
     def forward(
@@ -720,20 +757,8 @@ class _PairDistances(torch.autograd.Function):
             # the references are the queries: one gradient takes both roles (autograd would
             # otherwise add a second (B, D) gradient to it)
             grad_ref = grad_query
-        weight = embedding_weight_(kind, grad_dists.clone(), dists).unsqueeze(1)
-        for start, stop in pair_chunks(len(rows), query.shape[1], query.device):
-            a, b, w = rows[start:stop], cols[start:stop], weight[start:stop]
-            if kind is MatrixKind.INNER_PRODUCT:
-                if grad_query is not None:
-                    grad_query.index_add_(0, a, ref.index_select(0, b).mul_(w))
-                if grad_ref is not None:
-                    grad_ref.index_add_(0, b, query.index_select(0, a).mul_(w))
-                continue
-            diff = query.index_select(0, a).sub_(ref.index_select(0, b)).mul_(w)  # w (q - r)
-            if grad_query is not None:
-                grad_query.index_add_(0, a, diff)
-            if grad_ref is not None:
-                grad_ref.index_add_(0, b, diff, alpha=-1.0)
+        weight = embedding_weight_(kind, grad_dists.clone(), dists)
+        add_pair_embedding_grads_(kind, query, ref, rows, cols, weight, grad_query, grad_ref)
         if ctx.same_tensor and grad_query is not None:
             return grad_query, None, None, None, None
         return grad_query, grad_ref, None, None, None
