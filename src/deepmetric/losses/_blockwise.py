@@ -61,16 +61,16 @@ ACCELERATOR_BLOCK_ELEMENTS = 1 << 24
 
 def row_blocks(n_rows: int, n_cols: int, device: torch.device) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of the successive blocks of rows of an ``(n_rows, n_cols)`` matrix on
-    ``device``, each of about ``BLOCK_ELEMENTS`` per thread (on the CPU, but at least two blocks
-    for a matrix larger than one thread's block, which bounds the memory of mid-sized matrices)
-    or ``ACCELERATOR_BLOCK_ELEMENTS`` entries, and at least one row."""
+    ``device``: on the CPU as few blocks of equal height as hold at most ``BLOCK_ELEMENTS`` per
+    thread each, on an accelerator blocks of ``ACCELERATOR_BLOCK_ELEMENTS`` entries; at least
+    one row."""
     n_cols = max(1, n_cols)
     if device.type != "cpu":
         step = ACCELERATOR_BLOCK_ELEMENTS // n_cols
-    elif n_rows * n_cols <= BLOCK_ELEMENTS:
-        step = n_rows
     else:
-        step = min(BLOCK_ELEMENTS * max(1, torch.get_num_threads()) // n_cols, -(-n_rows // 2))
+        per_block = BLOCK_ELEMENTS * max(1, torch.get_num_threads())
+        n_blocks = -(-n_rows * n_cols // per_block)
+        step = -(-n_rows // max(1, n_blocks))
     step = max(1, step)
     for start in range(0, n_rows, step):
         yield start, min(start + step, n_rows)
