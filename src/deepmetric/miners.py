@@ -665,16 +665,18 @@ def pair_margin_pairs_blockwise(
         block = pairs.block(mat, start, stop)
         pos_dists = mat[block.pos_rows, block.pos_cols]
         keep = pos_dists < pos_margin if inverted else pos_dists > pos_margin
+        kept = torch.where(keep)[0]  # (then index_select: cheaper than two boolean indexings)
         candidates = mat > neg_margin if inverted else mat < neg_margin
         rows, cols = torch.where(block.fill_non_negatives_(candidates, False))
+        neg_dists = mat[rows, cols]
         for part, found in zip(
             parts,
             (
-                block.pos_rows[keep] + start,
-                block.pos_cols[keep],
-                rows + start,
+                block.pos_rows.index_select(0, kept).add_(start),
+                block.pos_cols.index_select(0, kept),
+                rows.add_(start),
                 cols,
-                mat[rows, cols],
+                neg_dists,
             ),
             strict=True,
         ):
