@@ -555,18 +555,21 @@ def test_fast_path_respects_overridden_masks(name: str, small_blocks: None) -> N
         assert v1 != pytest.approx(float(slow(emb, labels)), rel=1e-6)
 
 
+@pytest.mark.parametrize("reducer", ["avg-non-zero", "mean", "threshold"])
 @pytest.mark.parametrize(
     ("distance", "neg_margin", "kept"),
     [
         ("lp", 0.3, "none"),
         ("lp", 0.6, "few"),
         ("lp", 1.6, "many"),
+        ("lp-squared", 0.36, "few"),
+        ("lp-squared", 2.5, "many"),
         ("cosine", 0.7, "few"),
         ("cosine", -0.3, "many"),
     ],
 )
 def test_contrastive_with_none_few_or_many_kept_negatives(
-    distance: str, neg_margin: float, kept: str
+    distance: str, neg_margin: float, kept: str, reducer: str
 ) -> None:
     # the gradient of the kept negatives: none, a list of a few, or a dense matrix product
     emb, labels = _batch(n=64, per_class=4, dim=32, seed=17)
@@ -574,7 +577,9 @@ def test_contrastive_with_none_few_or_many_kept_negatives(
         for i, j in ((0, 10), (20, 33), (41, 60)):
             emb[i] = emb[j] + 0.01 * emb[i]
             assert labels[i] != labels[j]
-    fast, slow = _loss_pair("contrastive", distance, neg_margin=neg_margin)
+    fast, slow = _loss_pair(
+        "contrastive", distance, neg_margin=neg_margin, reducer=REDUCERS[reducer]()
+    )
     mat = fast.distance(emb)
     negatives = labels[:, None] != labels[None, :]
     inside = (mat > neg_margin) if fast.distance.is_inverted else (mat < neg_margin)
@@ -582,6 +587,36 @@ def test_contrastive_with_none_few_or_many_kept_negatives(
     expected = {"none": n_kept == 0, "few": 0 < n_kept <= 64, "many": n_kept > 64}
     assert expected[kept], n_kept
     _assert_same(fast, slow, emb, labels)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    bound=st.one_of(
+        st.floats(min_value=-2.0, max_value=1e30, allow_nan=False),
+        st.sampled_from([0.0, 1.0, 0.2, 0.8, 1e-30, 1e-45, float("inf")]),
+    ),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_root_bound_decides_a_margin_before_the_square_root(
+    bound: float, dtype: torch.dtype, seed: int
+) -> None:
+    """sqrt(x) < bound exactly when x < root_bound(bound): on the floats next to the bound on
+    either side, and on random ones."""
+    threshold = blockwise.root_bound(bound, dtype)
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    near = [torch.tensor(threshold, dtype=dtype)]
+    for step in (inf, -inf):
+        x = near[0]
+        for _ in range(40):
+            x = torch.nextafter(x, step)
+            near.append(x)
+    g = torch.Generator().manual_seed(seed)
+    scale = max(abs(threshold), 1e-30) if threshold != float("inf") else 1e30
+    spread = torch.rand(200, generator=g, dtype=torch.float64) * 2 * scale
+    x = torch.cat([torch.stack(near), spread.to(dtype)]).clamp_min(0)
+    x = x[torch.isfinite(x)]
+    torch.testing.assert_close(torch.sqrt(x) < bound, x < threshold, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))

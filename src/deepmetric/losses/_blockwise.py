@@ -29,6 +29,7 @@ second derivative (``create_graph=True``) raises an error rather than return a w
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -167,15 +168,16 @@ class MatrixBlocks:
         """``(start, stop)`` of each block of rows (see :func:`row_blocks`)."""
         return row_blocks(len(self.query), len(self.ref), self.query.device)
 
-    def rows(self, start: int, stop: int) -> Tensor:
+    def rows(self, start: int, stop: int, root: bool = True) -> Tensor:
         """Rows ``start:stop`` of the matrix, ``(stop - start, R)``, written into the same memory
         block after block (fresh memory costs page faults): the caller keeps nothing of the
-        returned tensor beyond the current block."""
-        return self.tile(start, stop, 0, len(self.ref))
+        returned tensor beyond the current block. For ``root`` see :meth:`tile`."""
+        return self.tile(start, stop, 0, len(self.ref), root)
 
-    def tile(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+    def tile(self, r0: int, r1: int, c0: int, c1: int, root: bool = True) -> Tensor:
         """Entries ``[r0:r1, c0:c1]`` of the matrix, in the same reused memory as :meth:`rows`
-        (the first request must be the largest)."""
+        (the first request must be the largest). ``root=False`` leaves a Euclidean matrix
+        squared (see :func:`root_bound` and :func:`distances_`)."""
         query, ref = self.query[r0:r1], self.ref[c0:c1]
         size = len(query) * len(ref)
         if self._buffer is None or self._buffer.numel() < size:
@@ -188,7 +190,32 @@ class MatrixBlocks:
         mat.add_((query * query).sum(dim=1, keepdim=True)).clamp_min_(0)
         if self.same_source:  # a sample's distance to itself: entries with r0 + i == c0 + j
             mat.diagonal(offset=r0 - c0).fill_(0)
-        return mat.sqrt_() if self.kind is MatrixKind.EUCLIDEAN else mat
+        return distances_(self.kind, mat) if root else mat
+
+
+def distances_(kind: MatrixKind, compared: Tensor) -> Tensor:
+    """The entries of a matrix of ``kind`` from :meth:`MatrixBlocks.tile` with ``root=False``
+    (their squares, for :attr:`MatrixKind.EUCLIDEAN`), in place."""
+    return compared.sqrt_() if kind is MatrixKind.EUCLIDEAN else compared
+
+
+@functools.lru_cache(maxsize=64)
+def root_bound(bound: float, dtype: torch.dtype) -> float:
+    """The least ``x`` of ``dtype`` whose square root (rounded to ``dtype``) is at least
+    ``bound`` (rounded to ``dtype``, as a comparison with a tensor of that type rounds it): for
+    every ``x >= 0`` of ``dtype``, ``sqrt(x) < bound`` exactly when ``x < root_bound(bound)``.
+    A Euclidean matrix is compared with a margin while still squared, and only the entries
+    that pass get their square root; the outcome is the same, bit for bit."""
+    target = torch.tensor(bound, dtype=dtype)
+    if not bool(target > 0):  # every root is >= 0 (and nothing compares with NaN)
+        return 0.0 if bool(target <= 0) else bound
+    x = target * target
+    inf = torch.tensor(math.inf, dtype=dtype)
+    while bool(torch.sqrt(x) >= target):  # rounding may have overshot: step down ...
+        x = torch.nextafter(x, -inf)
+    while bool(torch.sqrt(x) < target):  # ... then up to the least x that passes
+        x = torch.nextafter(x, inf)
+    return float(x)
 
 
 def embedding_weight_(kind: MatrixKind, grad_mat: Tensor, mat: Tensor) -> Tensor:

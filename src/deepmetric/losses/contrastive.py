@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from ._blockwise import (
     RowBlock,
     add_block_embedding_grads_,
     add_pair_embedding_grads_,
+    distances_,
     embedding_weight_,
     few_pairs,
     first_order_only,
@@ -35,6 +36,7 @@ from ._blockwise import (
     fused_matrix_kind,
     normalized_inputs,
     pair_distances,
+    root_bound,
     selects_elementwise,
 )
 from .base import BaseMetricLossFunction, Batch, LossOptions
@@ -54,46 +56,123 @@ def contrastive_pair_losses(
     return pos, neg
 
 
-def contrastive_block_sums_and_grads(
-    block: RowBlock,
-    pos_margin: float,
-    neg_margin: float,
-    distance: BaseDistance,
-    select: Callable[[Tensor], Tensor] | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """For the rows of ``block``: the sums of the positive and of the negative pair losses of
-    :func:`contrastive_pair_losses` that ``select`` keeps (a reducer's elementwise choice;
-    ``None``: the losses above zero, as :class:`~deepmetric.reducers.AvgNonZeroReducer`
-    keeps), how many it keeps, and the gradient of each sum with respect to ``block.mat``.
+class ContrastiveBlockTerms(NamedTuple):
+    """What one block of the matrix adds to :class:`_BlockwiseContrastive`'s sums.
 
-    Returns ``(pos_sum, pos_selected, pos_grad, neg_sum, neg_selected, neg_grad)``: scalars, the
-    ``(P,)`` gradient at the positive entries of ``block`` (in its order) and the dense ``(c, R)``
-    gradient of the negative sum.
+    ``sums`` and ``selected``: ``(2,)`` positive and negative sums of the kept losses and how
+    many each kept. The gradient of each sum with respect to the pairs' distances is
+    ``pos_grad`` at the ``(P,)`` positive entries of the block (distances ``pos_dists``) and, for
+    the negatives, either ``neg_grad`` at the listed entries ``neg_rows``/``neg_cols`` (distances
+    ``neg_dists``), when they are few, or the dense ``(c, R)`` ``neg_grad`` with ``neg_dists``
+    the block's distances (``neg_rows`` is then ``None``).
     """
-    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
-    sign = 1.0 if distance.is_inverted else -1.0  # d(negative violation) / d mat
-    neg_losses = block.fill_non_negatives_(distance.margin(neg_margin, mat).clamp_min_(0), 0.0)
-    if select is None:  # the losses above zero: no mask needed
-        neg_selected = torch.count_nonzero(neg_losses)
-    else:
-        # what the reducer keeps of the negatives, as 0/1 bytes (fast arithmetic, unlike bool)
-        neg_keep = block.fill_non_negatives_(select(neg_losses), False).view(torch.uint8)
-        neg_losses.mul_(neg_keep)
-        neg_selected = neg_keep.sum()
-    neg_sum = neg_losses.sum()
-    # relu's slope is 1 where a loss is positive: the sign of the kept losses
-    neg_grad = neg_losses.sign_().mul_(sign)
-    pos_losses = F.relu(distance.margin(mat[rows, cols], pos_margin))
-    pos_keep = pos_losses > 0 if select is None else select(pos_losses)
-    pos_losses.mul_(pos_keep)
-    pos_grad = pos_losses.sign().mul_(-sign)
-    return pos_losses.sum(), pos_keep.sum(), pos_grad, neg_sum, neg_selected, neg_grad
+
+    sums: Tensor
+    selected: Tensor
+    pos_grad: Tensor
+    pos_dists: Tensor
+    neg_grad: Tensor
+    neg_dists: Tensor
+    neg_rows: Tensor | None
+    neg_cols: Tensor | None
 
 
 # A block whose kept negatives are at most 1/_FEW_NEGATIVES of its entries gets their gradient
 # from a list of them rather than from a dense matrix product (negatives beyond the margin have
 # none: after some training, most of them).
 _FEW_NEGATIVES = 64
+
+
+def contrastive_block_terms(
+    block: RowBlock,
+    kind: MatrixKind,
+    pos_margin: float,
+    neg_margin: float,
+    distance: BaseDistance,
+    select: Callable[[Tensor], Tensor] | None,
+) -> ContrastiveBlockTerms:
+    """The :class:`ContrastiveBlockTerms` of ``block``, whose ``mat`` holds the entries of
+    :meth:`~deepmetric.losses._blockwise.MatrixBlocks.tile` with ``root=False`` (squared
+    Euclidean distances are turned into distances here, in place): the losses of
+    :func:`contrastive_pair_losses` that ``select`` keeps (a reducer's elementwise choice;
+    ``None``: the losses above zero, as :class:`~deepmetric.reducers.AvgNonZeroReducer` keeps).
+
+    With ``select=None`` only the negatives inside the margin count. They are found by one
+    comparison of the block, before any square root (:func:`root_bound`: the same entries),
+    and when they are few only they are turned into distances and losses.
+    """
+    mat = block.mat
+    sign = 1.0 if distance.is_inverted else -1.0  # d(negative violation) / d distance
+    pos_dists = distances_(kind, mat[block.pos_rows, block.pos_cols])
+    pos_losses = F.relu(distance.margin(pos_dists, pos_margin))
+    pos_keep = pos_losses > 0 if select is None else select(pos_losses)
+    pos_losses.mul_(pos_keep)
+    pos_grad = pos_losses.sign().mul_(-sign)
+    pos_terms = (pos_losses.sum(), pos_keep.sum(), pos_grad, pos_dists)
+    if select is None:
+        if kind is MatrixKind.EUCLIDEAN:
+            inside = mat < root_bound(neg_margin, mat.dtype)
+        else:
+            inside = mat > neg_margin if distance.is_inverted else mat < neg_margin
+        inside = block.fill_non_negatives_(inside, False)
+        n_inside = torch.count_nonzero(inside)
+        if int(n_inside) * _FEW_NEGATIVES <= inside.numel():
+            rows, cols = torch.where(inside)
+            neg_dists = distances_(kind, mat[rows, cols])
+            neg_losses = distance.margin(neg_margin, neg_dists)  # > 0: inside the margin
+            neg_grad = torch.full_like(neg_losses, sign)
+            return _terms(*pos_terms, neg_losses.sum(), n_inside, neg_grad, neg_dists, rows, cols)
+        neg_dists = distances_(kind, mat)
+        inside_bytes = inside.view(torch.uint8)  # (0/1 bytes: fast arithmetic, unlike bool)
+        neg_losses = distance.margin(neg_margin, neg_dists).mul_(inside_bytes)
+        neg_grad = inside_bytes.to(mat.dtype).mul_(sign)
+        return _terms(*pos_terms, neg_losses.sum(), n_inside, neg_grad, neg_dists, None, None)
+    neg_dists = distances_(kind, mat)
+    neg_losses = block.fill_non_negatives_(
+        distance.margin(neg_margin, neg_dists).clamp_min_(0), 0.0
+    )
+    # what the reducer keeps of the negatives, as 0/1 bytes (fast arithmetic, unlike bool)
+    neg_keep = block.fill_non_negatives_(select(neg_losses), False).view(torch.uint8)
+    neg_losses.mul_(neg_keep)
+    neg_selected = neg_keep.sum()
+    # relu's slope is 1 where a loss is positive: the sign of the kept losses
+    neg_grad = neg_losses.sign().mul_(sign)
+    if int(torch.count_nonzero(neg_grad)) * _FEW_NEGATIVES <= neg_grad.numel():
+        rows, cols = torch.where(neg_grad)
+        return _terms(
+            *pos_terms,
+            neg_losses.sum(),
+            neg_selected,
+            neg_grad[rows, cols],
+            neg_dists[rows, cols],
+            rows,
+            cols,
+        )
+    return _terms(*pos_terms, neg_losses.sum(), neg_selected, neg_grad, neg_dists, None, None)
+
+
+def _terms(
+    pos_sum: Tensor,
+    pos_selected: Tensor,
+    pos_grad: Tensor,
+    pos_dists: Tensor,
+    neg_sum: Tensor,
+    neg_selected: Tensor,
+    neg_grad: Tensor,
+    neg_dists: Tensor,
+    neg_rows: Tensor | None,
+    neg_cols: Tensor | None,
+) -> ContrastiveBlockTerms:
+    return ContrastiveBlockTerms(
+        torch.stack([pos_sum, neg_sum]),
+        torch.stack([pos_selected, neg_selected]),
+        pos_grad,
+        pos_dists,
+        neg_grad,
+        neg_dists,
+        neg_rows,
+        neg_cols,
+    )
 
 
 def _add_entries(
@@ -110,8 +189,8 @@ def _add_entries(
 
 class _BlockwiseContrastive(torch.autograd.Function):
     """``(B, D)`` queries and ``(R, D)`` references -> the kept positive and negative loss sums
-    and how many losses each kept (see :func:`contrastive_block_sums_and_grads`), one block of
-    rows at a time.
+    and how many losses each kept (see :func:`contrastive_block_terms`), one block of rows at a
+    time.
 
     Each sum is a fixed sum over pairs, so the forward pass also computes the gradient of each
     sum with respect to the embeddings while the block is at hand (when a gradient is wanted at
@@ -152,43 +231,31 @@ class _BlockwiseContrastive(torch.autograd.Function):
         selected = torch.zeros(2, dtype=torch.long, device=query.device)
         matrix = MatrixBlocks(kind, query, ref, same)
         for r0, r1, c0, c1, mirrored in pairs.tiles(query.device):
-            mat = matrix.tile(r0, r1, c0, c1)
-            block = pairs.tile(mat, r0, r1, c0, c1)
-            pos_sum, pos_sel, pos_grad, neg_sum, neg_sel, neg_grad = (
-                contrastive_block_sums_and_grads(
-                    block, loss.pos_margin, loss.neg_margin, loss.distance, select
-                )
+            block = pairs.tile(matrix.tile(r0, r1, c0, c1, root=False), r0, r1, c0, c1)
+            terms = contrastive_block_terms(
+                block, kind, loss.pos_margin, loss.neg_margin, loss.distance, select
             )
             copies = 2 if mirrored else 1  # a mirrored tile's pairs count for its transpose too
-            sums += copies * torch.stack([pos_sum, neg_sum])
-            selected += copies * torch.stack([pos_sel, neg_sel])
+            sums += copies * terms.sums
+            selected += copies * terms.selected
             if not need_grad:
                 continue
             assert neg_query is not None
-            if int(neg_sel) * _FEW_NEGATIVES > neg_grad.numel():
-                weight = embedding_weight_(kind, neg_grad, mat)
-                if mirrored:  # both roles of both sides: rows [r0:r1] and columns [c0:c1]
-                    add_block_embedding_grads_(
-                        kind, query, ref[c0:c1], r0, weight.mul_(2), neg_query, neg_query[c0:c1]
-                    )
-                else:
-                    neg_ref_part = None if neg_ref is None else neg_ref[c0:c1]
-                    add_block_embedding_grads_(
-                        kind,
-                        query,
-                        ref[c0:c1],
-                        r0,
-                        weight,
-                        neg_query,
-                        neg_ref_part,
-                        pairs.symmetric,
-                    )
-            elif int(neg_sel) > 0:  # only the few kept negatives have a gradient
-                rows, cols = torch.where(neg_grad)
-                weights = embedding_weight_(kind, neg_grad[rows, cols], mat[rows, cols])
-                _add_entries(few_negatives, rows + r0, cols + c0, weights, mirrored)
-            pos_dist = mat[block.pos_rows, block.pos_cols]
-            weights = embedding_weight_(kind, pos_grad, pos_dist)
+            weight = embedding_weight_(kind, terms.neg_grad, terms.neg_dists)
+            if terms.neg_rows is not None and terms.neg_cols is not None:
+                if len(weight) > 0:
+                    rows, cols = terms.neg_rows + r0, terms.neg_cols + c0
+                    _add_entries(few_negatives, rows, cols, weight, mirrored)
+            elif mirrored:  # both roles of both sides: rows [r0:r1] and columns [c0:c1]
+                add_block_embedding_grads_(
+                    kind, query, ref[c0:c1], r0, weight.mul_(2), neg_query, neg_query[c0:c1]
+                )
+            else:
+                neg_ref_part = None if neg_ref is None else neg_ref[c0:c1]
+                add_block_embedding_grads_(
+                    kind, query, ref[c0:c1], r0, weight, neg_query, neg_ref_part, pairs.symmetric
+                )
+            weights = embedding_weight_(kind, terms.pos_grad, terms.pos_dists)
             _add_entries(positives, block.pos_rows + r0, block.pos_cols + c0, weights, mirrored)
         for entries, grad_query, grad_ref in (
             (positives, pos_query, pos_ref),
