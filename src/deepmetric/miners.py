@@ -28,11 +28,18 @@ positive pair (the hardest ones), see :func:`cap_negative_pairs`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from ._pairs import CHUNK_ELEMENTS, pairs_from_masks, positive_pair_chunks, sample_in_rows
+from ._pairs import (
+    CHUNK_ELEMENTS,
+    pairs_from_masks,
+    positive_pair_chunks,
+    sample_in_rows,
+    triplets_from_masks,
+)
 from .distances import BaseDistance, CosineSimilarity, LpDistance
 from .losses._blockwise import (
     MatrixBlocks,
@@ -198,22 +205,20 @@ def triplets_in_margin_band(
     satisfies ``low < m <= high``, with ``pos_mask[a, p]`` and ``neg_mask[a, n]``.
 
     Triplets come out in lexicographic ``(a, p, n)`` order. They are visited one block of
-    positive pairs at a time, so memory is bounded by the ``(block, R)`` slice plus the output.
+    positive pairs at a time, so memory is bounded by the output, a byte per positive pair and
+    reference, and one ``(block, R)`` slice (:func:`~deepmetric._pairs.triplets_from_masks`).
 
     Shapes: ``mat``, ``pos_mask``, ``neg_mask`` ``(B, R)`` -> three ``(T,)`` int64 tensors.
     """
-    parts_a, parts_p, parts_n = [], [], []
-    for anchors, positives in positive_pair_chunks(pos_mask, mat.shape[1], max_elements):
-        ap_dists = mat[anchors, positives].unsqueeze(1)  # (c, 1)
-        triplet_margin = distance.margin(mat[anchors], ap_dists)  # (c, R)
-        keep = neg_mask[anchors] & (triplet_margin > low) & (triplet_margin <= high)
-        rows, negatives = torch.where(keep)
-        parts_a.append(anchors[rows])
-        parts_p.append(positives[rows])
-        parts_n.append(negatives)
-    if not parts_a:
-        return _empty_triplets(mat.device)
-    return torch.cat(parts_a), torch.cat(parts_p), torch.cat(parts_n)
+
+    def chunks() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for anchors, positives in positive_pair_chunks(pos_mask, mat.shape[1], max_elements):
+            ap_dists = mat[anchors, positives].unsqueeze(1)  # (c, 1)
+            triplet_margin = distance.margin(mat[anchors], ap_dists)  # (c, R)
+            keep = neg_mask[anchors] & (triplet_margin > low) & (triplet_margin <= high)
+            yield anchors, positives, keep
+
+    return triplets_from_masks(chunks(), mat.device)
 
 
 class TripletMarginMiner(BaseMiner):
