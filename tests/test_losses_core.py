@@ -316,3 +316,58 @@ def test_random_batches_give_finite_value_and_gradient(
             getattr(losses, name)(distance=distance, **kwargs), emb, labels
         )
         assert torch.isfinite(torch.tensor(value)) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("reducer", ["avg-non-zero", "mean", "sum", "threshold"])
+@pytest.mark.parametrize("smooth_loss", [False, True])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_triplet_streams_a_miners_many_triplets_in_chunks(
+    reducer: str, smooth_loss: bool, cosine: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many listed triplets (a repeated one among them), 7 at a time, against the per-triplet
+    losses computed through autograd and reduced by hand."""
+    from deepmetric.losses import triplet
+
+    monkeypatch.setattr(triplet, "_TRIPLET_CHUNK", 7)
+    emb, labels = _batch(n_classes=4, per_class=3, dim=5, seed=19)
+    same = labels[:, None] == labels[None]
+    self_pair = torch.eye(12, dtype=torch.bool)[..., None]
+    a, p, n = torch.where(same[:, :, None] & ~same[:, None, :] & ~self_pair)
+    a, p, n = (torch.cat([x, x[:1]]) for x in (a, p, n))
+    distance = distances.CosineSimilarity() if cosine else distances.LpDistance()
+
+    def per_triplet_losses(e: torch.Tensor) -> torch.Tensor:
+        mat = distance(e)
+        violation = (mat[a, n] - mat[a, p] if cosine else mat[a, p] - mat[a, n]) + 0.2
+        return torch.nn.functional.softplus(violation) if smooth_loss else violation.relu()
+
+    # the threshold keeps the middle half of the losses
+    low, high = torch.quantile(per_triplet_losses(emb), torch.tensor([0.25, 0.75], dtype=emb.dtype))
+    make_reducer = {
+        "avg-non-zero": reducers.AvgNonZeroReducer,
+        "mean": reducers.MeanReducer,
+        "sum": reducers.SumReducer,
+        "threshold": lambda: reducers.ThresholdReducer(low=float(low), high=float(high)),
+    }[reducer]
+    loss = losses.TripletMarginLoss(
+        margin=0.2, smooth_loss=smooth_loss, distance=distance, reducer=make_reducer()
+    )
+    value, grad = value_and_grad(loss, emb, labels, (a, p, n))
+
+    e = emb.clone().requires_grad_(True)
+    per_triplet = per_triplet_losses(e)
+    keep = {
+        "avg-non-zero": per_triplet > 0,
+        "mean": torch.ones_like(per_triplet, dtype=torch.bool),
+        "sum": torch.ones_like(per_triplet, dtype=torch.bool),
+        "threshold": (per_triplet > low) & (per_triplet < high),
+    }[reducer]
+    divisor = {"avg-non-zero": keep.sum(), "mean": len(a), "sum": 1, "threshold": keep.sum()}
+    expected = per_triplet[keep].sum() / divisor[reducer]
+    expected.backward()
+    assert len(a) > 7 * 10  # many chunks
+    if reducer == "threshold" or (reducer == "avg-non-zero" and not smooth_loss):
+        assert 0 < int(keep.sum()) < len(a)  # the selection matters
+    assert value == pytest.approx(float(expected), rel=1e-12)
+    assert e.grad is not None
+    torch.testing.assert_close(grad, e.grad, rtol=1e-9, atol=1e-12)

@@ -84,6 +84,13 @@ class TripletMarginLoss(BaseMetricLossFunction):
                 return {
                     "loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}
                 }
+            if isinstance(self.reducer, SelectingReducer) and reduces_by_selection(self.reducer):
+                # a miner's many triplets: streamed, nothing per triplet kept for the backward
+                mat = self.distance(batch.embeddings, batch.ref_emb)
+                value = self._streamed_listed_loss(mat, a, p, n, self.reducer)
+                return {
+                    "loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}
+                }
 
         mat = self.distance(batch.embeddings, batch.ref_emb)
         # distances between positives and negatives, for swap: both index the reference set
@@ -172,11 +179,59 @@ class TripletMarginLoss(BaseMetricLossFunction):
             else:
                 grad.index_add_(0, anchors, -sign * slope)
 
-        if int(n_selected) == 0:
-            return (mat * 0).sum()
-        divisor = reducer.divisor(n_selected, n_total).to(dist.dtype)
-        surrogate = (grad * mat).sum()
+        surrogates = [(grad, mat)]
         if grad_pn is not None and pn_mat is not None:
-            surrogate = surrogate + (grad_pn * pn_mat).sum()
-        surrogate = surrogate / divisor
-        return total / divisor + (surrogate - surrogate.detach())
+            surrogates.append((grad_pn, pn_mat))
+        return _reduced_with_gradient(total, n_selected, n_total, reducer, surrogates)
+
+    def _streamed_listed_loss(
+        self, mat: Tensor, a: Tensor, p: Tensor, n: Tensor, reducer: SelectingReducer
+    ) -> Tensor:
+        """The reduced loss over listed triplets, a chunk of them at a time, as
+        :meth:`_streamed_loss` computes it over all triplets: per-triplet losses without
+        autograd, ``d loss / d violation`` scattered onto the ``(B, R)`` matrix (``+`` at
+        ``[a, p]``, ``-`` at ``[a, n]``). Memory: the matrix twice and one chunk, where autograd
+        would keep several tensors of all ``T`` triplets for the backward pass."""
+        dist = mat.detach()
+        grad = torch.zeros_like(dist)
+        sign = -1.0 if self.distance.is_inverted else 1.0
+        total = dist.new_zeros(())
+        n_selected = torch.zeros((), dtype=torch.long, device=dist.device)
+        for start in range(0, len(a), _TRIPLET_CHUNK):
+            part = slice(start, start + _TRIPLET_CHUNK)
+            anchors, positives, negatives = a[part], p[part], n[part]
+            violation = self.distance.margin(dist[anchors, positives], dist[anchors, negatives])
+            violation += self.margin
+            losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
+            keep = reducer.select(losses)
+            total += torch.where(keep, losses, 0).sum()
+            n_selected += keep.sum()
+            slope = torch.sigmoid(violation) if self.smooth_loss else (violation > 0).to(dist.dtype)
+            slope.mul_(keep).mul_(sign)
+            grad.index_put_((anchors, positives), slope, accumulate=True)
+            grad.index_put_((anchors, negatives), slope.neg_(), accumulate=True)
+        n_total = torch.tensor(len(a), device=dist.device)
+        return _reduced_with_gradient(total, n_selected, n_total, reducer, [(grad, mat)])
+
+
+# Triplets of a miner's list handled at once by TripletMarginLoss's streamed path.
+_TRIPLET_CHUNK = 1 << 20
+
+
+def _reduced_with_gradient(
+    total: Tensor,
+    n_selected: Tensor,
+    n_total: Tensor,
+    reducer: SelectingReducer,
+    surrogates: list[tuple[Tensor, Tensor]],
+) -> Tensor:
+    """``total / divisor`` (the reducer's rule) carrying the gradient ``Σ grad · mat / divisor``
+    for each ``(grad, mat)`` of ``surrogates`` (``grad`` computed without autograd, ``mat``
+    through it): the exact value with the gradient of the explicit computation. Zero with a
+    zero gradient when nothing is selected."""
+    mat = surrogates[0][1]
+    if int(n_selected) == 0:
+        return (mat * 0).sum()
+    divisor = reducer.divisor(n_selected, n_total).to(mat.dtype)
+    surrogate = sum((grad * m).sum() for grad, m in surrogates) / divisor
+    return total / divisor + (surrogate - surrogate.detach())
