@@ -96,83 +96,79 @@ def contrastive_block_terms(
     Euclidean distances are turned into distances here, in place): the losses of
     :func:`contrastive_pair_losses` that ``select`` keeps (a reducer's elementwise choice;
     ``None``: the losses above zero, as :class:`~deepmetric.reducers.AvgNonZeroReducer` keeps).
-
-    With ``select=None`` only the negatives inside the margin count. They are found by one
-    comparison of the block, before any square root (:func:`root_bound`: the same entries),
-    and when they are few only they are turned into distances and losses.
     """
-    mat = block.mat
     sign = 1.0 if distance.is_inverted else -1.0  # d(negative violation) / d distance
-    pos_dists = distances_(kind, mat[block.pos_rows, block.pos_cols])
+    pos_dists = distances_(kind, block.mat[block.pos_rows, block.pos_cols])
     pos_losses = F.relu(distance.margin(pos_dists, pos_margin))
     pos_keep = pos_losses > 0 if select is None else select(pos_losses)
     pos_losses.mul_(pos_keep)
     pos_grad = pos_losses.sign().mul_(-sign)
-    pos_terms = (pos_losses.sum(), pos_keep.sum(), pos_grad, pos_dists)
     if select is None:
-        if kind is MatrixKind.EUCLIDEAN:
-            inside = mat < root_bound(neg_margin, mat.dtype)
-        else:
-            inside = mat > neg_margin if distance.is_inverted else mat < neg_margin
-        inside = block.fill_non_negatives_(inside, False)
-        n_inside = torch.count_nonzero(inside)
-        if int(n_inside) * _FEW_NEGATIVES <= inside.numel():
-            rows, cols = torch.where(inside)
-            neg_dists = distances_(kind, mat[rows, cols])
-            neg_losses = distance.margin(neg_margin, neg_dists)  # > 0: inside the margin
-            neg_grad = torch.full_like(neg_losses, sign)
-            return _terms(*pos_terms, neg_losses.sum(), n_inside, neg_grad, neg_dists, rows, cols)
-        neg_dists = distances_(kind, mat)
-        inside_bytes = inside.view(torch.uint8)  # (0/1 bytes: fast arithmetic, unlike bool)
-        neg_losses = distance.margin(neg_margin, neg_dists).mul_(inside_bytes)
-        neg_grad = inside_bytes.to(mat.dtype).mul_(sign)
-        return _terms(*pos_terms, neg_losses.sum(), n_inside, neg_grad, neg_dists, None, None)
-    neg_dists = distances_(kind, mat)
-    neg_losses = block.fill_non_negatives_(
-        distance.margin(neg_margin, neg_dists).clamp_min_(0), 0.0
-    )
-    # what the reducer keeps of the negatives, as 0/1 bytes (fast arithmetic, unlike bool)
-    neg_keep = block.fill_non_negatives_(select(neg_losses), False).view(torch.uint8)
-    neg_losses.mul_(neg_keep)
-    neg_selected = neg_keep.sum()
-    # relu's slope is 1 where a loss is positive: the sign of the kept losses
-    neg_grad = neg_losses.sign().mul_(sign)
-    if int(torch.count_nonzero(neg_grad)) * _FEW_NEGATIVES <= neg_grad.numel():
-        rows, cols = torch.where(neg_grad)
-        return _terms(
-            *pos_terms,
-            neg_losses.sum(),
-            neg_selected,
-            neg_grad[rows, cols],
-            neg_dists[rows, cols],
-            rows,
-            cols,
-        )
-    return _terms(*pos_terms, neg_losses.sum(), neg_selected, neg_grad, neg_dists, None, None)
-
-
-def _terms(
-    pos_sum: Tensor,
-    pos_selected: Tensor,
-    pos_grad: Tensor,
-    pos_dists: Tensor,
-    neg_sum: Tensor,
-    neg_selected: Tensor,
-    neg_grad: Tensor,
-    neg_dists: Tensor,
-    neg_rows: Tensor | None,
-    neg_cols: Tensor | None,
-) -> ContrastiveBlockTerms:
+        neg = _negatives_inside_margin(block, kind, neg_margin, distance)
+    else:
+        neg = _selected_negatives(block, kind, neg_margin, distance, select)
+    neg_sum, neg_selected, neg_grad, neg_dists, neg_rows, neg_cols = neg
     return ContrastiveBlockTerms(
-        torch.stack([pos_sum, neg_sum]),
-        torch.stack([pos_selected, neg_selected]),
-        pos_grad,
-        pos_dists,
-        neg_grad,
-        neg_dists,
-        neg_rows,
-        neg_cols,
+        sums=torch.stack([pos_losses.sum(), neg_sum]),
+        selected=torch.stack([pos_keep.sum(), neg_selected]),
+        pos_grad=pos_grad,
+        pos_dists=pos_dists,
+        neg_grad=neg_grad.mul_(sign),
+        neg_dists=neg_dists,
+        neg_rows=neg_rows,
+        neg_cols=neg_cols,
     )
+
+
+# The negative terms of a block: the sum of the kept losses, how many are kept, the slope of
+# each kept loss (1 or 0) and its distance, listed at (rows, columns) when they are few, or
+# dense (c, R) with rows and columns None.
+_NegativeTerms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+
+
+def _negatives_inside_margin(
+    block: RowBlock, kind: MatrixKind, neg_margin: float, distance: BaseDistance
+) -> _NegativeTerms:
+    """The negatives inside the margin, the only ones with a loss: found by one comparison of
+    the block before any square root (:func:`~deepmetric.losses._blockwise.root_bound`: the same
+    entries), and when they are few only they become distances and losses."""
+    mat = block.mat
+    if kind is MatrixKind.EUCLIDEAN:
+        inside = mat < root_bound(neg_margin, mat.dtype)
+    else:
+        inside = mat > neg_margin if distance.is_inverted else mat < neg_margin
+    inside = block.fill_non_negatives_(inside, False)
+    n_inside = torch.count_nonzero(inside)
+    if int(n_inside) * _FEW_NEGATIVES <= inside.numel():
+        rows, cols = torch.where(inside)
+        dists = distances_(kind, mat[rows, cols])
+        losses = distance.margin(neg_margin, dists)  # > 0: inside the margin
+        return losses.sum(), n_inside, torch.ones_like(losses), dists, rows, cols
+    dists = distances_(kind, mat)
+    inside_bytes = inside.view(torch.uint8)  # (0/1 bytes: fast arithmetic, unlike bool)
+    losses = distance.margin(neg_margin, dists).mul_(inside_bytes)
+    return losses.sum(), n_inside, inside_bytes.to(mat.dtype), dists, None, None
+
+
+def _selected_negatives(
+    block: RowBlock,
+    kind: MatrixKind,
+    neg_margin: float,
+    distance: BaseDistance,
+    select: Callable[[Tensor], Tensor],
+) -> _NegativeTerms:
+    """The negatives' losses that ``select`` keeps, from the whole block of distances."""
+    dists = distances_(kind, block.mat)
+    losses = block.fill_non_negatives_(distance.margin(neg_margin, dists).clamp_min_(0), 0.0)
+    # what the reducer keeps of the negatives, as 0/1 bytes (fast arithmetic, unlike bool)
+    keep = block.fill_non_negatives_(select(losses), False).view(torch.uint8)
+    losses.mul_(keep)
+    # relu's slope is 1 where a loss is positive: the sign of the kept losses
+    slope = losses.sign()
+    if int(torch.count_nonzero(slope)) * _FEW_NEGATIVES <= slope.numel():
+        rows, cols = torch.where(slope)
+        return losses.sum(), keep.sum(), slope[rows, cols], dists[rows, cols], rows, cols
+    return losses.sum(), keep.sum(), slope, dists, None, None
 
 
 def _add_entries(
