@@ -45,11 +45,11 @@ from .losses._blockwise import (
     MatrixBlocks,
     MatrixKind,
     PairBlocks,
+    closer_than,
     distances_,
     full_precision,
     fused_matrix_kind,
     normalized_inputs,
-    root_bound,
 )
 from .losses.base import Batch, prepare_batch
 
@@ -667,15 +667,13 @@ def pair_margin_pairs_blockwise(
     matrix = MatrixBlocks(kind, query, ref, batch.same_source)
     pairs = PairBlocks(batch)
     parts: tuple[list[Tensor], ...] = ([], [], [], [], [])
-    # the negatives are found on a Euclidean matrix still squared: the same entries
-    neg_bound = root_bound(neg_margin, query.dtype) if kind is MatrixKind.EUCLIDEAN else neg_margin
     for start, stop in matrix.bounds():
         mat = matrix.rows(start, stop, root=False)
         block = pairs.block(mat, start, stop)
         pos_dists = distances_(kind, mat[block.pos_rows, block.pos_cols])
         keep = pos_dists < pos_margin if inverted else pos_dists > pos_margin
         kept = torch.where(keep)[0]  # (then index_select: cheaper than two boolean indexings)
-        candidates = mat > neg_bound if inverted else mat < neg_bound
+        candidates = closer_than(kind, mat, neg_margin, inverted)
         rows, cols = torch.where(block.fill_non_negatives_(candidates, False))
         neg_dists = distances_(kind, mat[rows, cols])
         for part, found in zip(

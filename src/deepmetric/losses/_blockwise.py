@@ -199,6 +199,18 @@ def distances_(kind: MatrixKind, compared: Tensor) -> Tensor:
     return compared.sqrt_() if kind is MatrixKind.EUCLIDEAN else compared
 
 
+def closer_than(kind: MatrixKind, compared: Tensor, margin: float, inverted: bool) -> Tensor:
+    """The boolean mask of the entries of a block from :meth:`MatrixBlocks.tile` with
+    ``root=False`` that are closer than ``margin``: a distance below it, or a similarity
+    (``inverted``) above it. A Euclidean block is compared while still squared
+    (:func:`root_bound`: the same entries)."""
+    if inverted:
+        return compared > margin
+    if kind is MatrixKind.EUCLIDEAN:
+        return compared < root_bound(margin, compared.dtype)
+    return compared < margin
+
+
 @functools.lru_cache(maxsize=64)
 def root_bound(bound: float, dtype: torch.dtype) -> float:
     """The least ``x`` of ``dtype`` whose square root (rounded to ``dtype``) is at least

@@ -28,6 +28,7 @@ from ._blockwise import (
     RowBlock,
     add_block_embedding_grads_,
     add_pair_embedding_grads_,
+    closer_than,
     distances_,
     embedding_weight_,
     few_pairs,
@@ -36,7 +37,6 @@ from ._blockwise import (
     fused_matrix_kind,
     normalized_inputs,
     pair_distances,
-    root_bound,
     selects_elementwise,
 )
 from .base import BaseMetricLossFunction, Batch, LossOptions
@@ -133,10 +133,7 @@ def _negatives_inside_margin(
     the block before any square root (:func:`~deepmetric.losses._blockwise.root_bound`: the same
     entries), and when they are few only they become distances and losses."""
     mat = block.mat
-    if kind is MatrixKind.EUCLIDEAN:
-        inside = mat < root_bound(neg_margin, mat.dtype)
-    else:
-        inside = mat > neg_margin if distance.is_inverted else mat < neg_margin
+    inside = closer_than(kind, mat, neg_margin, distance.is_inverted)
     inside = block.fill_non_negatives_(inside, False)
     n_inside = torch.count_nonzero(inside)
     if int(n_inside) * _FEW_NEGATIVES <= inside.numel():
