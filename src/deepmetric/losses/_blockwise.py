@@ -760,7 +760,7 @@ class _PairDistances(torch.autograd.Function):
     """``(B, D)`` queries, ``(R, D)`` references and ``(n,)`` index pairs -> the ``(n,)``
     distances of a :class:`MatrixKind` between ``query[rows_k]`` and ``ref[cols_k]``, computed
     directly from the differences (no matrix product), a chunk of pairs at a time so that the
-    gathered ``(chunk, D)`` rows stay small; the backward pass is two sparse products
+    gathered ``(chunk, D)`` rows stay small; the backward pass is sparse products
     (:func:`add_pair_embedding_grads_`)."""
 
     @staticmethod

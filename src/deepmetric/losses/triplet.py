@@ -163,15 +163,13 @@ class TripletMarginLoss(BaseMetricLossFunction):
                 pn = pn_dist[positives]  # (c, R)
                 use_pn = self.distance.smallest_dist(an, pn) != an
                 an = torch.where(use_pn, pn, an)
-            violation = self.distance.margin(ap, an) + self.margin
-            losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
             valid = neg_mask[anchors]
-            keep = valid & reducer.select(losses)
-            total += losses[keep].sum()
-            n_selected += keep.sum()
+            kept_sum, n_kept, slope = self._kept_losses(
+                self.distance.margin(ap, an) + self.margin, reducer, valid
+            )
+            total += kept_sum
+            n_selected += n_kept
             n_total += valid.sum()
-            slope = torch.sigmoid(violation) if self.smooth_loss else (violation > 0).to(dist.dtype)
-            slope = slope * keep
             grad.index_put_((anchors, positives), sign * slope.sum(dim=1), accumulate=True)
             if use_pn is not None and grad_pn is not None:
                 grad.index_add_(0, anchors, -sign * slope * ~use_pn)
@@ -201,17 +199,27 @@ class TripletMarginLoss(BaseMetricLossFunction):
             part = slice(start, start + _TRIPLET_CHUNK)
             anchors, positives, negatives = a[part], p[part], n[part]
             violation = self.distance.margin(dist[anchors, positives], dist[anchors, negatives])
-            violation += self.margin
-            losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
-            keep = reducer.select(losses)
-            total += torch.where(keep, losses, 0).sum()
-            n_selected += keep.sum()
-            slope = torch.sigmoid(violation) if self.smooth_loss else (violation > 0).to(dist.dtype)
-            slope.mul_(keep).mul_(sign)
+            kept_sum, n_kept, slope = self._kept_losses(violation + self.margin, reducer, None)
+            total += kept_sum
+            n_selected += n_kept
+            slope.mul_(sign)
             grad.index_put_((anchors, positives), slope, accumulate=True)
             grad.index_put_((anchors, negatives), slope.neg_(), accumulate=True)
         n_total = torch.tensor(len(a), device=dist.device)
         return _reduced_with_gradient(total, n_selected, n_total, reducer, [(grad, mat)])
+
+    def _kept_losses(
+        self, violation: Tensor, reducer: SelectingReducer, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Of the triplet losses of ``violation`` (relu, or softplus when smooth): the sum and
+        the number of those the reducer keeps (among the ``valid`` ones, if given), and
+        ``d loss / d violation`` of each, zero where not kept."""
+        losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
+        keep = reducer.select(losses)
+        if valid is not None:
+            keep = keep & valid
+        slope = torch.sigmoid(violation) if self.smooth_loss else (violation > 0).to(losses.dtype)
+        return losses[keep].sum(), keep.sum(), slope.mul_(keep)
 
 
 # Triplets of a miner's list handled at once by TripletMarginLoss's streamed path.
