@@ -3,36 +3,25 @@ trained on the built-in digits (seconds), indexes and images written to ``tmp_pa
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from deepmetric.cli.index import load_image, load_run
 from PIL import Image
 
 from deepmetric import cli
-from deepmetric.cli_index import add_index_commands, load_image, load_run
 from deepmetric.data import load_digits, load_image_folder
 from deepmetric.index import EmbeddingIndex, embed, model_fingerprint
 from deepmetric.training import load_checkpoint
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepmetric")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_index_commands(sub)
-    return parser
-
-
 def run_cli(argv: Sequence[str]) -> int:
-    """``deepmetric.cli.main`` (its error handling: ValueError -> message, exit code 2) with
-    the parser of these commands."""
-    with mock.patch.object(cli, "build_parser", _parser):
-        return cli.main([str(a) for a in argv])
+    """``deepmetric.cli.main`` (its error handling: ValueError -> message, exit code 2)."""
+    return cli.main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")

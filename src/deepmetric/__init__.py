@@ -2,25 +2,15 @@
 
 A drop-in for pytorch-metric-learning's common API (change the import, keep the code) that
 computes every loss and miner from one pairwise matrix and boolean label masks.
+
+Submodules are imported on first use (``deepmetric.losses`` imports torch; the command line's
+``--help`` does not need it).
 """
 
-from . import (
-    data,
-    distances,
-    distributed,
-    estimators,
-    evaluation,
-    fewshot,
-    hdml,
-    index,
-    losses,
-    miners,
-    models,
-    reducers,
-    regularizers,
-    samplers,
-    verification,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -34,6 +24,7 @@ __all__ = [
     "fewshot",
     "hdml",
     "index",
+    "io",
     "losses",
     "miners",
     "models",
@@ -42,3 +33,29 @@ __all__ = [
     "samplers",
     "verification",
 ]
+
+if TYPE_CHECKING:
+    from . import (
+        data,
+        distances,
+        distributed,
+        estimators,
+        evaluation,
+        fewshot,
+        hdml,
+        index,
+        io,
+        losses,
+        miners,
+        models,
+        reducers,
+        regularizers,
+        samplers,
+        verification,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

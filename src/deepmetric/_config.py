@@ -152,10 +152,8 @@ def build_dataclass(cls: type, values: Any, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(str(k) for k in values if k not in names)
     if unknown:
-        place = f" in '{where}'" if where else ""
-        raise ValueError(
-            f"unknown key(s){place}: {', '.join(unknown)} (accepted: {', '.join(names)})"
-        )
+        place = f"key(s) in '{where}'" if where else "config key(s)"
+        raise ValueError(f"unknown {place}: {', '.join(unknown)} (accepted: {', '.join(names)})")
     checked = {
         name: check_value(hints[name], value, f"{where}.{name}" if where else name)
         for name, value in values.items()

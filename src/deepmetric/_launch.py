@@ -163,7 +163,7 @@ def start_processes(
     if method == "forkserver":
         # imported once by the server; torch._dynamo is what DDP's constructor imports (slow)
         multiprocessing.get_context("forkserver").set_forkserver_preload(
-            ["deepmetric.cli", "torch._dynamo"]
+            ["deepmetric.experiment", "torch._dynamo"]
         )
     try:
         torch_start_processes(

@@ -21,8 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 __all__ = [
     "atomic_torch_save",
     "atomic_write",
@@ -98,4 +96,6 @@ def atomic_write_json(path: str | os.PathLike[str], values: Any, indent: int | N
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj)`` to ``path``, atomically."""
+    import torch  # here, not at the top: the command line's parsing must not import torch
+
     return atomic_write(path, lambda file: torch.save(obj, file))

@@ -60,7 +60,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._sync_batchnorm import convert_sync_batchnorm
+from .config import TrainConfig
 from .data import ArrayDataset
 from .distributed import (
     DistributedLossWrapper,
@@ -88,79 +89,6 @@ from .miners import BaseMiner
 from .samplers import PKSampler
 
 CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run (also the keys of a run's YAML config).
-
-    Attributes:
-        epochs: passes over the training data (one pass = ``len(PKSampler)`` batches).
-        p, k: classes per batch and samples per class (batch size ``p * k``).
-        lr: learning rate of the model (Adam).
-        loss_lr: learning rate of the loss's own parameters (proxies, class weights).
-        weight_decay: AdamW weight decay of the model.
-        scheduler: ``"cosine"`` (cosine decay to 0 over the run, after ``warmup_epochs`` of
-            linear warm-up), ``"step"`` (x0.1 at 2/3 of the run) or ``"none"``.
-        warmup_epochs: linear warm-up length.
-        grad_clip: clip the gradient norm of all parameters to this (None: no clipping).
-        eval_every: evaluate on the validation split every this many epochs.
-        metric: the validation metric that chooses the best checkpoint (larger is better).
-        patience: stop after this many evaluations without improvement (None: never).
-        checkpoint_every: also write ``last.pt`` every this many steps (None: per epoch only).
-        seed: seeds the model's random numbers, the sampler and the augmentations.
-        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``.
-        amp: ``torch.autocast`` (bfloat16 where supported, else float16) on CUDA; ignored on CPU.
-        embed_batch_size: batch size for embedding the validation data.
-        progress: show tqdm progress bars.
-        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` for the
-            process, so that the same seed gives the same weights (multi-threaded CPU
-            ``index_add`` and several CUDA kernels otherwise sum in a varying order); switch off
-            for the last few percent of speed.
-        tensorboard: also write the per-epoch metrics to ``run_dir/tensorboard`` when the
-            ``tensorboard`` package is installed (silently skipped when it is not).
-    """
-
-    epochs: int = 10
-    p: int = 32
-    k: int = 4
-    lr: float = 1e-3
-    loss_lr: float = 1e-2
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_epochs: int = 0
-    grad_clip: float | None = None
-    eval_every: int = 1
-    metric: str = "mean_average_precision_at_r"
-    patience: int | None = None
-    checkpoint_every: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    embed_batch_size: int = 512
-    progress: bool = True
-    deterministic: bool = True
-    tensorboard: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "p", "k", "eval_every", "embed_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.loss_lr <= 0:
-            raise ValueError("lr and loss_lr must be > 0")
-        if self.scheduler not in ("cosine", "step", "none"):
-            raise ValueError(f"scheduler must be cosine, step or none, got {self.scheduler!r}")
-        if self.warmup_epochs != 0 and not 0 < self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping, naming any unknown key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
-        return cls(**values)
 
 
 RETRIEVAL_METRICS = (

@@ -41,18 +41,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import ArrayDataset
-from .index import EmbeddingIndex, SearchResult, embed, model_fingerprint
-from .runs import RunConfig, build_model, load_config, load_dataset
-from .training import load_checkpoint
-from .verification import (
+from ..data import ArrayDataset
+from ..index import EmbeddingIndex, SearchResult, embed, model_fingerprint
+from ..runs import RunConfig, build_model, load_config, load_dataset
+from ..training import load_checkpoint
+from ..verification import (
     VerificationResult,
     evaluate_labelled_set,
     pair_distances,
     plot_verification,
 )
 
-__all__ = ["TrainedRun", "add_index_commands", "load_image", "load_run", "load_run_dataset"]
+__all__ = ["TrainedRun", "load_image", "load_run", "load_run_dataset"]
 
 
 # -- a trained run and its inputs -----------------------------------------------------------------
@@ -402,67 +402,3 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args.json, report)
     return 0
-
-
-# -- the parsers ----------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--run", required=required, help="run folder (config.yaml + checkpoint)")
-    parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run")
-
-
-def add_index_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``index build``, ``search``, ``enroll`` and ``verify`` on the subcommands of
-    the ``deepmetric`` parser."""
-    index = sub.add_parser("index", help="build a searchable index of a dataset's embeddings")
-    index_sub = index.add_subparsers(dest="index_command", required=True)
-    build = index_sub.add_parser("build", help="embed a dataset and save an index of it")
-    _add_run_flags(build)
-    build.add_argument("--dataset", required=True, help="dataset spec, e.g. folder:PATH")
-    build.add_argument("--out", required=True, help="index directory to write")
-    build.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat")
-    build.add_argument("--nlist", type=_positive_int, default=None, help="IVF: k-means cells")
-    build.add_argument("--nprobe", type=_positive_int, default=None, help="IVF: cells searched")
-    build.add_argument("--m", type=_positive_int, default=None, help="HNSW: links per node")
-    build.add_argument(
-        "--ef-search", type=_positive_int, default=None, help="HNSW: candidates per query"
-    )
-    build.set_defaults(func=cmd_index_build)
-
-    search = sub.add_parser("search", help="nearest indexed items of query images or vectors")
-    search.add_argument("--index", required=True, help="index directory")
-    _add_run_flags(search, required=False)
-    search.add_argument("--dataset", default=None, help="query images (needs --run)")
-    search.add_argument("--vectors", default=None, help="query embeddings, a 2-D .npy")
-    search.add_argument("-k", type=_positive_int, default=5, help="neighbours per query")
-    search.add_argument("--json", default=None, metavar="OUT", help="write the results here")
-    search.set_defaults(func=cmd_search)
-
-    enroll = sub.add_parser("enroll", help="add new classes to an index, no retraining")
-    enroll.add_argument("--index", required=True, help="index directory (updated in place)")
-    _add_run_flags(enroll)
-    enroll.add_argument(
-        "--dataset", required=True, help="e.g. folder:PATH, one sub-folder per new class"
-    )
-    enroll.set_defaults(func=cmd_enroll)
-
-    verify = sub.add_parser("verify", help="calibrate same/different, or decide for two images")
-    _add_run_flags(verify)
-    verify.add_argument("--dataset", default=None, help="labelled data to calibrate on")
-    verify.add_argument(
-        "--pairs", type=_positive_int, default=1000, help="genuine and impostor pairs, each"
-    )
-    verify.add_argument("--target-fpr", type=float, default=1e-3, help="false accept rate")
-    verify.add_argument("--seed", type=int, default=0, help="seed of the pair sampling")
-    verify.add_argument("--plot", default=None, metavar="OUT.png", help="write the plot here")
-    verify.add_argument("--a", default=None, metavar="IMG", help="first image to compare")
-    verify.add_argument("--b", default=None, metavar="IMG", help="second image to compare")
-    verify.add_argument("--threshold", type=float, default=None, help="same when distance <= T")
-    verify.add_argument("--json", default=None, metavar="OUT", help="write the numbers here")
-    verify.set_defaults(func=cmd_verify)

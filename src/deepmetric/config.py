@@ -1,0 +1,269 @@
+"""What a ``deepmetric train`` run is made of: the run config read from YAML and flags.
+
+This module imports neither torch nor any model code, so that ``deepmetric --help`` and config
+checks are instant. Every key is typed; a wrong type, an unknown key or a value out of range is
+a ``ValueError`` that names the key and what it accepts, raised before anything runs or is
+written (see :mod:`deepmetric._config`).
+
+A config file names every part; any key left out takes its default::
+
+    dataset: omniglot          # omniglot | digits | folder:PATH | csv:PATH | arrays:PATH | ...
+    image_size: 28
+    test_classes: 0.2          # held-out classes for the final evaluation
+    val_classes: 0.1           # classes that choose the best checkpoint
+    rotations: null            # rotated copies (90/180/270°) as extra training classes;
+                               # null: only for omniglot
+    augment: null              # random affine distortions of training images: a mapping of
+                               # deepmetric.augment.RandomAffine's arguments ({} = defaults)
+    test_time_augment: 0       # also score the trained network on the mean embedding of each
+                               # image and this many distorted copies (needs augment)
+    model: {channels: 64, embedding_size: 128}
+    loss: {name: TripletMarginLoss, margin: 0.1}
+    miner: {name: MultiSimilarityMiner, epsilon: 0.1}
+    train: {epochs: 10, p: 32, k: 4, lr: 0.001}
+    hdml: false                # hardness-aware synthetic negatives (Zheng et al., 2019)
+    hdml_options: {}           # keyword arguments of deepmetric.hdml.HDML, e.g. {alpha: 1.0}
+    projection: pca            # the report's 2-D embedding map: pca | umap (needs umap-learn)
+    out: runs/omniglot
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ._config import build_dataclass
+from .io import atomic_write_text
+
+__all__ = [
+    "PROJECTIONS",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "load_config",
+    "save_config",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (also the keys of a run's YAML ``train:`` mapping).
+
+    Attributes:
+        epochs: passes over the training data (one pass = ``len(PKSampler)`` batches).
+        p: classes per batch (batch size ``p * k``).
+        k: samples per class in a batch.
+        lr: learning rate of the model (AdamW).
+        loss_lr: learning rate of the loss's own parameters (proxies, class weights).
+        weight_decay: AdamW weight decay of the model.
+        scheduler: ``"cosine"`` (cosine decay to 0 over the run, after ``warmup_epochs`` of
+            linear warm-up), ``"step"`` (x0.1 at 2/3 of the run) or ``"none"``.
+        warmup_epochs: linear warm-up length.
+        grad_clip: clip the gradient norm of all parameters to this (None: no clipping).
+        eval_every: evaluate on the validation split every this many epochs.
+        metric: the validation metric that chooses the best checkpoint (larger is better).
+        patience: stop after this many evaluations without improvement (None: never).
+        checkpoint_every: also write ``last.pt`` every this many steps (None: per epoch only).
+        seed: seeds the model's random numbers, the sampler and the augmentations.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:n]"``.
+        amp: ``torch.autocast`` (bfloat16 where supported, else float16) on CUDA; ignored on CPU.
+        embed_batch_size: batch size for embedding the validation data.
+        progress: show tqdm progress bars.
+        deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` for the
+            process, so that the same seed gives the same weights (multi-threaded CPU
+            ``index_add`` and several CUDA kernels otherwise sum in a varying order); switch off
+            for the last few percent of speed.
+        tensorboard: also write the per-epoch metrics to ``run_dir/tensorboard``; needs the
+            ``tensorboard`` package (a warning says so when it is missing).
+    """
+
+    epochs: int = 10
+    p: int = 32
+    k: int = 4
+    lr: float = 1e-3
+    loss_lr: float = 1e-2
+    weight_decay: float = 0.0
+    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: int = 0
+    grad_clip: float | None = None
+    eval_every: int = 1
+    metric: str = "mean_average_precision_at_r"
+    patience: int | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    embed_batch_size: int = 512
+    progress: bool = True
+    deterministic: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "p", "k", "eval_every", "embed_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.p < 2:
+            raise ValueError(f"p must be >= 2 (a batch needs negatives), got {self.p}")
+        if self.lr <= 0 or self.loss_lr <= 0:
+            raise ValueError("lr and loss_lr must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.scheduler not in ("cosine", "step", "none"):
+            raise ValueError(f"scheduler must be cosine, step or none, got {self.scheduler!r}")
+        if self.warmup_epochs != 0 and not 0 < self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        for name in ("patience", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {value}")
+        if self.metric not in RETRIEVAL_METRICS:
+            raise ValueError(
+                f"metric must be one of {', '.join(RETRIEVAL_METRICS)}, got {self.metric!r}"
+            )
+        device = self.device
+        if device not in ("auto", "cpu") and not (
+            device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a mapping; a ``ValueError`` names an unknown or mistyped key."""
+        config: TrainConfig = build_dataclass(cls, values, "train")
+        return config
+
+
+#: The retrieval metrics of validation and of the result table, by their one name (the
+#: AccuracyCalculator's): ``precision_at_1`` is Recall@1.
+RETRIEVAL_METRICS = (
+    "precision_at_1",
+    "recall_at_2",
+    "recall_at_4",
+    "recall_at_8",
+    "r_precision",
+    "mean_average_precision_at_r",
+)
+
+
+@dataclass
+class ModelConfig:
+    """The embedder: :class:`~deepmetric.models.SmallConvNet` trunk + embedding head."""
+
+    channels: int = 64
+    blocks: int = 4
+    embedding_size: int = 128
+    hidden: list[int] = field(default_factory=list)
+    batch_norm: bool = False
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "blocks", "embedding_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+
+
+#: Methods of the report's 2-D embedding map (see :func:`deepmetric.report.project_2d`).
+PROJECTIONS = ("pca", "umap")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; see the module docstring for the YAML form."""
+
+    dataset: str = "omniglot"
+    image_size: int = 28
+    test_classes: int | float = 0.2
+    val_classes: int | float = 0.1
+    rotations: bool | None = None
+    augment: dict[str, float] | None = None
+    test_time_augment: int = 0
+    split_seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: dict[str, Any] = field(
+        default_factory=lambda: {"name": "TripletMarginLoss", "margin": 0.1}
+    )
+    miner: dict[str, Any] | None = field(
+        default_factory=lambda: {"name": "MultiSimilarityMiner", "epsilon": 0.1}
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hdml: bool = False
+    hdml_options: dict[str, Any] = field(default_factory=dict)
+    projection: Literal["pca", "umap"] = "pca"
+    out: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.test_time_augment < 0:
+            raise ValueError(f"test_time_augment must be an int >= 0, got {self.test_time_augment}")
+        if self.test_time_augment and self.augment is None:
+            raise ValueError("test_time_augment needs the distortions of 'augment'")
+        for key in ("test_classes", "val_classes"):
+            value = getattr(self, key)
+            if not 0 <= value < 1 and not (value >= 1 and float(value).is_integer()):
+                raise ValueError(
+                    f"{key} must be a fraction of the classes in [0, 1) or a whole number of "
+                    f"classes, got {value}"
+                )
+        if self.augment is not None:
+            # the distortion's own checks name a bad key or value now, not after loading data
+            # (imports torch, which a config without augmentation does not need)
+            from .runs import build_augment
+
+            build_augment(self.augment)
+        for key in ("loss", "miner"):
+            spec = getattr(self, key)
+            if spec is not None and not isinstance(spec.get("name"), str):
+                raise ValueError(f"'{key}' must be a mapping with a 'name' (a class name)")
+        if not self.out:
+            raise ValueError("out must name a folder")
+
+    @property
+    def uses_rotations(self) -> bool:
+        """Rotated copies as extra classes: as configured, or (null) only for Omniglot, whose
+        characters stay characters when rotated; photos of a face or a product do not."""
+        return self.dataset == "omniglot" if self.rotations is None else self.rotations
+
+    def check_optional_packages(self) -> None:
+        """``ValueError`` if the run asks for an optional package that is not installed
+        (``projection: umap`` needs umap-learn). Called when a run starts, before training,
+        and not when a config is loaded: a finished run's folder stays usable without it."""
+        if self.projection == "umap" and importlib.util.find_spec("umap") is None:
+            raise ValueError(
+                "config key 'projection' is 'umap' but the umap-learn package is not "
+                "installed: pip install umap-learn, or use projection: pca"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Build and validate; a ``ValueError`` names any unknown or malformed key."""
+        config: RunConfig = build_dataclass(cls, values, "")
+        return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run config (``ValueError`` if missing or malformed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    return RunConfig.from_dict(values)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
