@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deepmetric.cli.index import load_image, load_run
 from PIL import Image
 
 from deepmetric import cli
+from deepmetric.cli.index import load_image, load_run
 from deepmetric.data import load_digits, load_image_folder
 from deepmetric.index import EmbeddingIndex, embed, model_fingerprint
 from deepmetric.training import load_checkpoint
