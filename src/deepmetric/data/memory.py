@@ -1,4 +1,4 @@
-"""Datasets: built-in (no download) and the user's own, plus class-disjoint splits.
+"""Datasets held in memory as one tensor: built-in data (no download) and small user datasets.
 
 Built in:
 
@@ -9,13 +9,11 @@ Built in:
 * :func:`load_omniglot_runs` — the 20 official 20-way one-shot runs, on characters that are in no
   background subset.
 
-The user's own data: :func:`load_image_folder` (one sub-folder per class), :func:`load_image_csv`
-(``path,label`` rows) and :func:`load_arrays` (``.npz``/``.npy`` features or images with labels).
-Unreadable images are skipped with a warning naming each file and a count at the end — decoding
-happens up front, so nothing can fail in the middle of an epoch.
-
-Evaluation is on classes never seen in training: :func:`split_by_class` splits *classes*, not
-samples, into train / validation / test.
+The user's own small data, decoded up front into an :class:`ArrayDataset`:
+:func:`load_image_folder` (one sub-folder per class), :func:`load_image_csv` (``path,label``
+rows) and :func:`load_arrays` (``.npz``/``.npy`` features or images with labels). Unreadable
+images are skipped with a warning naming each file and a count at the end. For photographs, or
+more images than fit in memory, :mod:`deepmetric.data.images` reads the same layouts lazily.
 """
 
 from __future__ import annotations
@@ -35,7 +33,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from ..transforms import SmallImageTransform
+from .images import DECODE_ERRORS, IMAGE_SUFFIXES, decode_image
 
 
 @dataclass
@@ -164,31 +163,32 @@ def load_omniglot_runs(size: int = 28) -> list[OneShotRun]:
 def _load_images(
     paths: Sequence[Path], class_ids: Sequence[int], size: int, grayscale: bool
 ) -> tuple[Tensor, Tensor]:
-    """Decode and resize every image; skip unreadable ones with a warning each and a count."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Decode (:func:`~deepmetric.data.images.decode_image`) and resize every image to ``size`` ×
+    ``size``; skip unreadable ones with a warning each and a count."""
+    transform = SmallImageTransform(size)
+    mode = "L" if grayscale else "RGB"
     arrays, kept, skipped = [], [], []
     for path, label in tqdm(list(zip(paths, class_ids, strict=True)), desc="loading images"):
         try:
-            with Image.open(path) as img:
-                converted = img.convert("L" if grayscale else "RGB")
-                resized = converted.resize((size, size), Image.Resampling.BILINEAR)
-                arr = np.asarray(resized, dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+            image = decode_image(path, mode)
+        except DECODE_ERRORS as error:
             warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
             skipped.append(path)
             continue
-        arrays.append(arr[None] if grayscale else arr.transpose(2, 0, 1))
+        arrays.append(transform(image))
         kept.append(label)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {len(paths)}", stacklevel=2)
     if not arrays:
         raise ValueError("no readable images found")
-    return torch.from_numpy(np.stack(arrays)), torch.tensor(kept)
+    return torch.stack(arrays), torch.tensor(kept)
 
 
 def load_image_folder(root: str | Path, size: int = 28, grayscale: bool = True) -> ArrayDataset:
-    """``root/<class name>/<image>``: one sub-folder per class, classes sorted by name."""
+    """``root/<class name>/<image>``: one sub-folder per class, classes sorted by name, images
+    at any depth inside it (every suffix of :data:`~deepmetric.data.images.IMAGE_SUFFIXES`).
+
+    Returns ``(N, C, size, size)`` images in ``[0, 1]``, ``C`` = 1 when ``grayscale`` else 3."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder not found: {root}")
@@ -198,7 +198,7 @@ def load_image_folder(root: str | Path, size: int = 28, grayscale: bool = True) 
     paths, ids = [], []
     for i, name in enumerate(class_names):
         for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
                 paths.append(path)
                 ids.append(i)
     x, labels = _load_images(paths, ids, size, grayscale)
@@ -261,64 +261,3 @@ def load_arrays(path: str | Path, labels_path: str | Path | None = None) -> Arra
     if not torch.isfinite(x).all():
         raise ValueError(f"{path} contains NaN or Inf")
     return ArrayDataset(x, torch.from_numpy(y_np.astype(np.int64)))
-
-
-# -- splits ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class ClassSplit:
-    """Sample indices of a class-disjoint split, and the classes of each part."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    train_classes: np.ndarray
-    val_classes: np.ndarray
-    test_classes: np.ndarray
-
-
-def split_by_class(
-    labels: Tensor | np.ndarray | Sequence[int],
-    test_classes: float | int | Sequence[int] = 0.5,
-    val_classes: float | int | Sequence[int] = 0.0,
-    seed: int = 0,
-) -> ClassSplit:
-    """Split *classes* into train / validation / test, so evaluation is on unseen classes.
-
-    Each of ``test_classes`` and ``val_classes`` is a fraction of the classes (float in [0, 1)),
-    a number of classes (int), or an explicit list of class ids. Classes are drawn at random from
-    ``seed``; the rest train.
-    """
-    y = np.asarray(labels)
-    classes = np.unique(y)
-    rng = np.random.default_rng(seed)
-    remaining = list(rng.permutation(classes))
-
-    def take(spec: float | int | Sequence[int], name: str) -> np.ndarray:
-        nonlocal remaining
-        if isinstance(spec, (float, int)):
-            if isinstance(spec, float) and not 0 <= spec < 1:
-                raise ValueError(f"{name} as a fraction must be in [0, 1), got {spec}")
-            count = int(round(spec * len(classes))) if isinstance(spec, float) else spec
-            if not 0 <= count < len(remaining):
-                raise ValueError(f"{name}={spec} leaves no classes to train on")
-            chosen = np.array(sorted(remaining[:count]), dtype=classes.dtype)
-        else:
-            chosen = np.array(sorted(spec), dtype=classes.dtype)
-            unknown = set(chosen.tolist()) - set(remaining)
-            if unknown:
-                raise ValueError(f"{name} lists classes not available: {sorted(unknown)}")
-        remaining = [c for c in remaining if c not in set(chosen.tolist())]
-        return chosen
-
-    test = take(test_classes, "test_classes")
-    val = take(val_classes, "val_classes")
-    train = np.array(sorted(remaining), dtype=classes.dtype)
-    if len(train) == 0:
-        raise ValueError("the split leaves no classes to train on")
-
-    def where(cls: np.ndarray) -> np.ndarray:
-        return np.flatnonzero(np.isin(y, cls))
-
-    return ClassSplit(where(train), where(val), where(test), train, val, test)
