@@ -536,6 +536,12 @@ def test_build_embedder_records_how_to_rebuild_it(tmp_path: Path) -> None:
     x = torch.randn(3, 1, 28, 28)
     torch.testing.assert_close(rebuilt.eval()(x), net.eval()(x))
     assert rebuilt.describe() == described
+    # The small CNN embedder is the one the run config built by hand so far, weight for weight.
+    torch.manual_seed(3)
+    built = build_embedder("small_cnn", channels=8, blocks=2, embedding_size=6, hidden=(12,))
+    torch.manual_seed(3)
+    by_hand = EmbeddingNet(SmallConvNet(1, 8, 2), 8, 6, hidden=(12,))
+    torch.testing.assert_close(built.eval()(x), by_hand.eval()(x))
     with pytest.raises(ValueError, match="built by hand"):
         EmbeddingNet(nn.Flatten(), 4).describe()
     with pytest.raises(ValueError, match="JSON"):

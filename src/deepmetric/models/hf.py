@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec
@@ -231,11 +232,16 @@ def hf_trunk(
             f"{path} takes {channels}-channel images, got in_channels={in_channels}; feed "
             f"{'RGB' if channels == 3 else 'grey'} images"
         )
+    trunk = HFTrunk(model, pooling, "image_embeds" if projection else None)
+    spec = processor_spec(path, vision_config, channels)
     if projection:
         features = int(config.projection_dim)
     elif getattr(vision_config, "hidden_sizes", None):
         features = int(vision_config.hidden_sizes[-1])
-    else:
+    elif isinstance(getattr(vision_config, "hidden_size", None), int):
         features = int(vision_config.hidden_size)
-    trunk = HFTrunk(model, pooling, "image_embeds" if projection else None)
-    return trunk, model, features, processor_spec(path, vision_config, channels)
+    else:  # no width in the config: measure it on one zero image
+        trunk.eval()
+        with torch.no_grad():
+            features = int(trunk(torch.zeros(1, channels, spec.size, spec.size)).shape[1])
+    return trunk, model, features, spec
