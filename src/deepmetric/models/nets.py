@@ -7,17 +7,21 @@
 * :class:`SiameseNetwork`, :class:`TripletNetwork` — one shared set of weights applied to two
   or three inputs, for code that thinks in pairs (Hadsell et al., 2006) or triplets (FaceNet,
   Schroff et al., 2015).
-* :func:`torchvision_trunk`, :func:`timm_trunk` — pretrained architectures as trunks when those
-  optional packages are installed; weights only from a local file, nothing is downloaded.
+
+Pretrained trunks (EfficientNet-Lite0, torchvision, timm, Hugging Face ``transformers``, any
+factory) are built by :mod:`deepmetric.models.backbones`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import copy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .spec import InputSpec
 
 
 class SmallConvNet(nn.Module):
@@ -73,8 +77,14 @@ class EmbeddingNet(nn.Module):
         batch_norm: BatchNorm1d after each hidden layer and on the embedding.
         normalize: L2-normalise the embedding (then Euclidean and cosine rank alike).
 
+        input_spec: what the trunk must be fed (channels, side, mean/std); :func:`build_embedder`
+            fills it from the backbone, so the data pipeline can read it from the model.
+
     Shapes: ``(N, ...)`` -> ``(N, embedding_size)``. ``features(x)`` gives the trunk output and
     ``embed_features(f)`` the head alone, which HDML uses to re-embed synthetic features.
+
+    ``model.trunk`` and ``model.head`` are the two parameter groups of fine-tuning (the trunk at a
+    lower learning rate). ``describe()`` returns how :func:`build_embedder` built the model.
     """
 
     def __init__(
@@ -85,6 +95,8 @@ class EmbeddingNet(nn.Module):
         hidden: tuple[int, ...] = (),
         batch_norm: bool = False,
         normalize: bool = True,
+        *,
+        input_spec: InputSpec | None = None,
     ) -> None:
         super().__init__()
         if trunk_features < 1 or embedding_size < 1:
@@ -105,6 +117,20 @@ class EmbeddingNet(nn.Module):
         self.trunk_features = trunk_features
         self.embedding_size = embedding_size
         self.normalize = normalize
+        self.input_spec = input_spec
+        # Set by build_embedder: the JSON-safe arguments that rebuild this architecture.
+        self.build_config: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON-safe keyword arguments of :func:`build_embedder` that rebuild this
+        architecture (``build_embedder(**net.describe())``); raises ``ValueError`` for a net
+        built by hand, whose trunk cannot be named."""
+        if self.build_config is None:
+            raise ValueError(
+                "this EmbeddingNet was built by hand, not by build_embedder, so how to rebuild "
+                "its trunk is unknown; build it with deepmetric.models.build_embedder(...)"
+            )
+        return copy.deepcopy(self.build_config)
 
     def features(self, x: Tensor) -> Tensor:
         """Trunk output, flattened to ``(N, trunk_features)``."""
@@ -149,57 +175,3 @@ class TripletNetwork(nn.Module):
         e = self.embedder(torch.cat([anchor, positive, negative]))
         sizes = [len(anchor), len(positive), len(negative)]
         return tuple(e.split(sizes))
-
-
-def _load_local_weights(model: nn.Module, weights_path: str | Path | None) -> None:
-    if weights_path is None:
-        return
-    path = Path(weights_path)
-    if not path.is_file():
-        raise ValueError(f"weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-
-
-def _replace_classifier(model: nn.Module) -> int:
-    """Swap the final classification layer for ``Identity``; return the feature width."""
-    for name in ("fc", "classifier", "head", "heads"):
-        layer = getattr(model, name, None)
-        if layer is None:
-            continue
-        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-        if isinstance(layer, nn.Linear):
-            linears = [layer]
-        if linears:
-            setattr(model, name, nn.Identity())
-            return linears[0].in_features
-    raise ValueError(f"cannot find the classification layer of {type(model).__name__}")
-
-
-def torchvision_trunk(name: str, weights_path: str | Path | None = None) -> tuple[nn.Module, int]:
-    """A torchvision architecture (e.g. ``"resnet18"``) without its classifier, as a trunk.
-
-    Weights come only from ``weights_path`` (a local state_dict file); nothing is downloaded.
-    Returns ``(trunk, trunk_features)``. Needs the optional ``torchvision`` package.
-    """
-    try:
-        import torchvision
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ValueError("torchvision is not installed: pip install torchvision") from error
-    model = torchvision.models.get_model(name, weights=None)
-    _load_local_weights(model, weights_path)
-    return model, _replace_classifier(model)
-
-
-def timm_trunk(name: str, weights_path: str | Path | None = None) -> tuple[nn.Module, int]:
-    """A timm architecture without its classifier (``num_classes=0``), as a trunk.
-
-    Weights come only from ``weights_path``; nothing is downloaded. Needs the optional ``timm``.
-    """
-    try:
-        import timm
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ValueError("timm is not installed: pip install timm") from error
-    model = timm.create_model(name, pretrained=False, num_classes=0)
-    _load_local_weights(model, weights_path)
-    return model, int(model.num_features)
