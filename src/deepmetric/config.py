@@ -7,17 +7,21 @@ written (see :mod:`deepmetric._config`).
 
 A config file names every part; any key left out takes its default::
 
-    dataset: omniglot          # omniglot | digits | folder:PATH | csv:PATH | arrays:PATH | ...
-    image_size: 28
+    dataset: omniglot          # omniglot | digits | arrays:PATH (in memory) | folder:PATH |
+                               # csv:PATH | cub:PATH | cars196:PATH | sop:PATH | inshop:PATH
+    image_size: null           # input side; null: 28 for omniglot, 8 for digits, 64 for photos
+                               # with small_cnn, the trunk's own size (224) for pretrained ones
     test_classes: 0.2          # held-out classes for the final evaluation
     val_classes: 0.1           # classes that choose the best checkpoint
     rotations: null            # rotated copies (90/180/270°) as extra training classes;
                                # null: only for omniglot
     augment: null              # random affine distortions of training images: a mapping of
                                # deepmetric.augment.RandomAffine's arguments ({} = defaults)
+    photo_augment: {}          # photos: random resized crop, flip, colour jitter (keyword
+                               # arguments of deepmetric.transforms.TrainTransform; null: none)
     test_time_augment: 0       # also score the trained network on the mean embedding of each
                                # image and this many distorted copies (needs augment)
-    model: {channels: 64, embedding_size: 128}
+    model: {trunk: small_cnn, embedding_size: 128}   # or trunk: efficientnet_lite0, hf:DIR
     loss: {name: TripletMarginLoss, margin: 0.1}
     miner: {name: MultiSimilarityMiner, epsilon: 0.1}
     train: {epochs: 10, p: 32, k: 4, lr: 0.001}
@@ -153,8 +157,33 @@ RETRIEVAL_METRICS = (
 
 @dataclass
 class ModelConfig:
-    """The embedder: :class:`~deepmetric.models.SmallConvNet` trunk + embedding head."""
+    """The embedder: a trunk (:func:`deepmetric.models.build_backbone`) + embedding head.
 
+    Attributes:
+        trunk: ``small_cnn`` (the built-in 4-block CNN, trained from scratch),
+            ``efficientnet_lite0`` (ImageNet weights shipped in the ``efficientnet`` extra),
+            ``hf:FOLDER`` (a Hugging Face ``transformers`` vision model saved in a local folder:
+            DINOv2, ViT, CLIP, ConvNeXt, ResNet), ``torchvision:NAME`` / ``timm:NAME`` (their
+            extras), or ``package.module:factory`` (your own ``nn.Module``).
+        weights: a local ``.pth`` / ``.safetensors`` file of trunk weights (nothing is ever
+            downloaded).
+        key_map: prefix rewrites for a checkpoint saved by other code, e.g. ``{"module.": ""}``.
+        in_channels: 1 (grey) or 3 (RGB); null: grey for the built-in character data, RGB for
+            photos and pretrained trunks.
+        options: further keyword arguments of the trunk (e.g. ``{pretrained: false}``).
+        channels: width of ``small_cnn``.
+        blocks: depth of ``small_cnn``.
+        embedding_size: width of the embedding.
+        hidden: widths of hidden layers of an MLP head.
+        batch_norm: BatchNorm in the head.
+        normalize: L2-normalise the embedding.
+    """
+
+    trunk: str = "small_cnn"
+    weights: str | None = None
+    key_map: dict[str, str] | None = None
+    in_channels: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     channels: int = 64
     blocks: int = 4
     embedding_size: int = 128
@@ -168,6 +197,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
+        if self.in_channels not in (None, 1, 3):
+            raise ValueError(f"in_channels must be 1, 3 or null, got {self.in_channels}")
+        if not self.trunk:
+            raise ValueError("trunk must name a trunk, e.g. small_cnn or efficientnet_lite0")
 
 
 #: Methods of the report's 2-D embedding map (see :func:`deepmetric.report.project_2d`).
@@ -179,11 +212,12 @@ class RunConfig:
     """Everything a training run needs; see the module docstring for the YAML form."""
 
     dataset: str = "omniglot"
-    image_size: int = 28
+    image_size: int | None = None
     test_classes: int | float = 0.2
     val_classes: int | float = 0.1
     rotations: bool | None = None
     augment: dict[str, float] | None = None
+    photo_augment: dict[str, Any] | None = field(default_factory=dict)
     test_time_augment: int = 0
     split_seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -200,7 +234,7 @@ class RunConfig:
     out: str = "runs/train"
 
     def __post_init__(self) -> None:
-        if self.image_size < 1:
+        if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
         if self.test_time_augment < 0:
             raise ValueError(f"test_time_augment must be an int >= 0, got {self.test_time_augment}")
@@ -213,6 +247,13 @@ class RunConfig:
                     f"{key} must be a fraction of the classes in [0, 1) or a whole number of "
                     f"classes, got {value}"
                 )
+        if self.photo_augment is not None:
+            from .transforms import TrainTransform
+
+            try:
+                TrainTransform(**self.photo_augment)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"photo_augment: {error}") from error
         if self.augment is not None:
             # the distortion's own checks name a bad key or value now, not after loading data
             # (imports torch, which a config without augmentation does not need)

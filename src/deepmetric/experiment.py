@@ -17,21 +17,26 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import report
+from . import report, run_folder
 from ._launch import launched_by_torchrun, process_group, start_processes
 from .augment import embed_augmented
-from .config import RunConfig, TrainConfig, save_config
-from .data import ArrayDataset, load_omniglot_runs, split_by_class
+from .config import RunConfig, TrainConfig
+from .distributed import is_distributed
+from .inference import embed_dataset
 from .runs import (
+    RunData,
     build_augment,
+    build_data,
     build_hdml,
     build_loss,
     build_miner,
     build_model,
-    load_dataset,
-    with_rotations,
+    check_batch_shape,
+    dataset_kind,
+    model_channels,
 )
-from .training import Trainer, embed, load_checkpoint, process_rank, retrieval_metrics
+from .training import Trainer, load_checkpoint, process_rank, retrieval_metrics
+from .transforms import EvalTransform
 
 __all__ = [
     "demo_config",
@@ -44,7 +49,7 @@ __all__ = [
 ]
 
 
-# -- the experiment shared by `demo` and `train` --------------------------------------------------
+# -- scores on classes never seen in training ---------------------------------------------------
 def one_shot_accuracies(embed_fn: Any, runs: Sequence[Any]) -> list[float]:
     """Accuracy of each 20-way one-shot run: every query takes the class of its nearest support
     embedding."""
@@ -56,120 +61,303 @@ def one_shot_accuracies(embed_fn: Any, runs: Sequence[Any]) -> list[float]:
     return accuracies
 
 
-def _flatten_pixels(x: Tensor) -> Tensor:
-    return x.flatten(1).float()
+#: How many random choices of the enrolled image the 1-shot identification averages over.
+ONE_SHOT_DRAWS = 10
 
 
-def run_experiment(config: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Train on the config's training classes, then score raw pixels, the untrained network and
-    the trained network on held-out classes (and Omniglot's one-shot runs). Writes the run
-    folder and returns the results.
+def one_shot_identification(
+    embeddings: Tensor, labels: Tensor, draws: int = ONE_SHOT_DRAWS, seed: int = 0
+) -> float | None:
+    """1-shot identification accuracy of ``(N, E)`` embeddings with ``(N,)`` labels: one image
+    of each class (with at least two) is enrolled, every other image of those classes is a
+    query that takes the class of its nearest enrolled image (Euclidean); averaged over
+    ``draws`` random choices of the enrolled images. None when no class has two images.
 
-    In a ``torch.distributed`` job (see :func:`launch_experiment`) every process calls it and
-    trains; only rank 0 writes the run folder and scores, the others return ``{}``."""
-    config.check_optional_packages()
-    out = Path(config.out)
-    main_process = process_rank() == 0
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    torch.manual_seed(config.train.seed)
+    This is the face-database question (enrol each person from one photo, then identify), and
+    it does not saturate as early as Recall@1, whose nearest neighbour may be any of the
+    class's other images.
+    """
+    classes, counts = torch.unique(labels, return_counts=True)
+    classes = classes[counts >= 2]
+    if len(classes) < 2:
+        return None
+    rows = torch.isin(labels, classes).nonzero().flatten()
+    emb, lab = embeddings[rows].float(), labels[rows]
+    generator = torch.Generator().manual_seed(seed)
+    accuracies = []
+    for _ in range(draws):
+        # one random image per class: the first of each class after a random permutation
+        order = torch.randperm(len(lab), generator=generator)
+        sorted_labels, position = torch.sort(lab[order], stable=True)
+        first = torch.ones(len(lab), dtype=torch.bool)
+        first[1:] = sorted_labels[1:] != sorted_labels[:-1]
+        enrolled = order[position[first]]
+        is_query = torch.ones(len(lab), dtype=torch.bool)
+        is_query[enrolled] = False
+        queries = is_query.nonzero().flatten()
+        correct = 0
+        for start in range(0, len(queries), 4096):  # bounded memory: a block x classes
+            block = queries[start : start + 4096]
+            nearest = torch.cdist(emb[block], emb[enrolled]).argmin(dim=1)
+            correct += int((lab[enrolled][nearest] == lab[block]).sum())
+        accuracies.append(correct / len(queries))
+    return sum(accuracies) / len(accuracies)
 
-    dataset = load_dataset(config.dataset, config.image_size)
-    split = split_by_class(
-        dataset.labels, config.test_classes, config.val_classes, seed=config.split_seed
+
+class _Pixels(nn.Module):
+    """Raw pixels as an embedding baseline: each image average-pooled to at most 32×32 and
+    flattened (a 224-pixel photo would give 150k dimensions and say nothing more)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim == 4 and max(x.shape[-2:]) > 32:
+            x = torch.nn.functional.adaptive_avg_pool2d(x, 32)
+        return x.flatten(1).float()
+
+
+def _embed_all(model: nn.Module, dataset: Any, config: RunConfig, device: torch.device) -> Any:
+    """Embeddings, labels and the rows kept (unreadable files left out) of ``dataset``."""
+    return embed_dataset(
+        model,
+        dataset,
+        batch_size=config.train.embed_batch_size,
+        device=device,
+        num_workers=config.train.num_workers,
+        progress=config.train.progress,
     )
-    train_set = dataset.subset(split.train)
-    if config.uses_rotations and train_set.x.ndim == 4:
-        train_set = with_rotations(train_set)
-    val_set = dataset.subset(split.val) if len(split.val) else None
-    test_set = dataset.subset(split.test)
-    runs = load_omniglot_runs(config.image_size) if config.dataset == "omniglot" else []
-    if len(test_set) == 0 and not runs:
+
+
+def _score_row(
+    name: str, model: nn.Module, data: RunData, config: RunConfig, device: torch.device
+) -> tuple[dict[str, Any], list[float]]:
+    """One row of the result table: Recall@1, MAP@R and 1-shot identification on the test
+    classes, and the one-shot runs' accuracies (Omniglot)."""
+    row: dict[str, Any] = {"embedding": name}
+    if len(data.test):
+        embedded = _embed_all(model, data.test, config, device)
+        metrics = retrieval_metrics(embedded.embeddings, embedded.labels)
+        row["Recall@1"] = metrics["precision_at_1"]
+        row["MAP@R"] = metrics["mean_average_precision_at_r"]
+        one_shot = one_shot_identification(embedded.embeddings, embedded.labels)
+        if one_shot is not None:
+            row["1-shot id"] = one_shot
+    per_run: list[float] = []
+    if data.one_shot_runs:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            per_run = one_shot_accuracies(
+                lambda x: model(x.to(device)).float().cpu(), data.one_shot_runs
+            )
+        model.train(was_training)
+        row["one-shot 20-way"] = sum(per_run) / len(per_run)
+    return row, per_run
+
+
+def _verdict(rows: list[dict[str, Any]]) -> str:
+    """Trained against the best baseline, on MAP@R (which saturates last) or the one-shot
+    runs, with the other metrics quoted; a metric at 0.99 or more for a baseline is named
+    saturated."""
+    trained, baselines = rows[-1], rows[:-1]
+    key = "MAP@R" if "MAP@R" in trained else "one-shot 20-way"
+    best = max(baselines, key=lambda r: r[key])
+    word = "beat" if trained[key] > best[key] else "did NOT beat"
+    others = [
+        f"{k} {trained[k]:.3f} vs {max(b[k] for b in baselines):.3f}"
+        for k in ("Recall@1", "1-shot id", "one-shot 20-way")
+        if k != key and k in trained
+    ]
+    saturated = [k for k in trained if k != "embedding" and max(b[k] for b in baselines) >= 0.99]
+    text = (
+        f"training {word} the best baseline ({best['embedding']}) on unseen classes: "
+        f"{key} {trained[key]:.3f} vs {best[key]:.3f}"
+    )
+    if others:
+        text += " (" + ", ".join(others) + ")"
+    if saturated:
+        text += f"; saturated for a baseline, so not telling: {', '.join(saturated)}"
+    return text
+
+
+# -- the experiment shared by `demo` and `train` --------------------------------------------------
+def prepare_run(config: RunConfig) -> tuple[nn.Module, RunData, nn.Module, Any, Any]:
+    """Check every input and build ``(model, data, loss, miner, augment)``; nothing is written.
+
+    ``ValueError`` names the first problem: a missing dataset, a trunk that cannot be built, a
+    loss option of the wrong type, a batch shape the training classes cannot fill, a device
+    that is not there.
+    """
+    config.check_optional_packages()
+    if config.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {config.train.device!r} asked for, but this machine has no CUDA device "
+            "(or this torch build has no CUDA): use --device cpu or auto"
+        )
+    torch.manual_seed(config.train.seed)
+    if dataset_kind(config.dataset) == "images":
+        model = build_model(config.model, (model_channels(config), 1, 1))
+        data = build_data(config, model)
+    else:
+        data = build_data(config)
+        model = build_model(config.model, data.input_shape)
+    if len(data.test) == 0 and not data.one_shot_runs:
         raise ValueError(
             "nothing to evaluate on: test_classes is 0 and the dataset has no one-shot runs"
         )
-
-    model = build_model(config.model, dataset.x[0])
-    untrained = {k: v.clone() for k, v in model.state_dict().items()}
-    loss = build_loss(
-        config.loss,
-        num_classes=len(train_set.class_names),
-        embedding_size=config.model.embedding_size,
-    )
+    check_batch_shape(data.train.labels, config.train.p, config.train.k)
+    num_classes = len(data.train.class_names)
+    loss = build_loss(config.loss, num_classes, config.model.embedding_size)
     miner = build_miner(config.miner)
+    augment = None if data.lazy else build_augment(config.augment)
+    return model, data, loss, miner, augment
+
+
+def run_experiment(config: RunConfig, progress: bool = True, mode: str = "auto") -> dict[str, Any]:
+    """Train on the config's training classes, then score raw pixels, the untrained (or
+    pretrained) network and the trained network on held-out classes (and Omniglot's one-shot
+    runs). Writes the run folder and returns the results.
+
+    Every input is checked before anything is written; ``mode`` is what to do with a run
+    already in ``config.out`` (see :func:`deepmetric.run_folder.prepare`).
+
+    In a ``torch.distributed`` job (see :func:`launch_experiment`) every process calls it and
+    trains; only rank 0 writes the run folder and scores, the others return ``{}``."""
+    model, data, loss, miner, augment = prepare_run(config)
+    out = Path(config.out)
+    main_process = process_rank() == 0
+    if main_process:
+        run_folder.prepare(config, mode)  # type: ignore[arg-type]
+        run_folder.write_info(
+            out,
+            run_folder.RunInfo(
+                input_shape=data.input_shape,
+                class_names={
+                    "train": list(data.train.class_names),
+                    "val": [] if data.val is None else _present_classes(data.val),
+                    "test": _present_classes(data.test),
+                },
+                num_samples={
+                    "train": len(data.train),
+                    "val": 0 if data.val is None else len(data.val),
+                    "test": len(data.test),
+                },
+                dataset=config.dataset,
+                extra={
+                    "model": model.describe() if hasattr(model, "describe") else None,
+                    "input_spec": _input_spec(model),
+                    "lazy": data.lazy,
+                },
+            ),
+        )
+    if is_distributed():
+        torch.distributed.barrier()  # the folder is ready (or cleared) before anyone reads it
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
     hdml = None
     if config.hdml:
-        hdml = build_hdml(model, loss, len(train_set.class_names), config.hdml_options)
+        hdml = build_hdml(model, loss, len(data.train.class_names), config.hdml_options)  # type: ignore[arg-type]
     trainer = Trainer(
         model,
         loss,
-        train_set,
+        data.train,
         config=config.train,
-        val_set=val_set,
+        val_set=data.val,
         miner=miner,
-        augment=build_augment(config.augment),
+        augment=augment,
         run_dir=out,
         hdml=hdml,
     )
     device = trainer.device
-
-    embed_batch = config.train.embed_batch_size
-
-    def embed_with(state: dict[str, Tensor]) -> Any:
-        model.load_state_dict(state)
-        return lambda x: embed(model, x, embed_batch, device)
-
-    rows: list[dict[str, Any]] = []
-    per_run: dict[str, list[float]] = {}
-
-    def score(name: str, fn: Any) -> None:
-        row: dict[str, Any] = {"embedding": name}
-        if len(test_set):
-            metrics = retrieval_metrics(fn(test_set.x), test_set.labels)
-            row["Recall@1"] = metrics["precision_at_1"]
-            row["MAP@R"] = metrics["mean_average_precision_at_r"]
-        if runs:
-            per_run[name] = one_shot_accuracies(fn, runs)
-            row["one-shot 20-way"] = sum(per_run[name]) / len(runs)
-        rows.append(row)
-
     started = time.perf_counter()
     history = trainer.fit()
     seconds = time.perf_counter() - started
     if not main_process:  # the others only train (and need not wait for the scores)
         return {}
-    score("raw pixels", _flatten_pixels)
-    score("untrained network", embed_with(untrained))
-    best = load_checkpoint(out / "best.pt")
-    score("trained network", embed_with(best["model"]))
-    tta = build_augment(config.augment)
-    if config.test_time_augment and tta is not None:  # the same model, its inputs distorted
-        copies = config.test_time_augment
-        score(
-            f"trained + test-time augmentation ({copies} copies)",
-            lambda x: embed_augmented(model, x, tta, copies, batch_size=embed_batch),
-        )
 
-    key = "Recall@1" if len(test_set) else "one-shot 20-way"
-    trained, baseline = rows[2][key], max(rows[0][key], rows[1][key])
-    verdict = (
-        f"training beat the best baseline on unseen classes ({key} {trained:.3f} vs {baseline:.3f})"
-        if trained > baseline
-        else f"training did NOT beat the best baseline ({key} {trained:.3f} vs {baseline:.3f})"
-    )
+    pretrained = config.model.trunk != "small_cnn" and config.model.options.get("pretrained", True)
+    rows: list[dict[str, Any]] = []
+    per_run: dict[str, list[float]] = {}
+    scored: list[tuple[str, nn.Module]] = [("raw pixels", _Pixels())]
+    baseline = "pretrained backbone (not fine-tuned)" if pretrained else "untrained network"
+    model.load_state_dict(untrained)
+    scored.append((baseline, model))
+    for name, embedder in scored:
+        row, accuracies = _score_row(name, embedder, data, config, device)
+        rows.append(row)
+        if accuracies:
+            per_run[name] = accuracies
+    best = load_checkpoint(out / "best.pt")
+    model.load_state_dict(best["model"])
+    row, accuracies = _score_row("trained network", model, data, config, device)
+    rows.append(row)
+    if accuracies:
+        per_run["trained network"] = accuracies
+    tta = build_augment(config.augment)
+    if config.test_time_augment and tta is not None and not data.lazy:
+        copies = config.test_time_augment
+        name = f"trained + test-time augmentation ({copies} copies)"
+        tta_row: dict[str, Any] = {"embedding": name}
+        embed_batch = config.train.embed_batch_size
+        if len(data.test):
+            emb = embed_augmented(model, data.test.x, tta, copies, batch_size=embed_batch)
+            metrics = retrieval_metrics(emb, data.test.labels)
+            tta_row["Recall@1"] = metrics["precision_at_1"]
+            tta_row["MAP@R"] = metrics["mean_average_precision_at_r"]
+            one_shot = one_shot_identification(emb, data.test.labels)
+            if one_shot is not None:
+                tta_row["1-shot id"] = one_shot
+        if data.one_shot_runs:
+            per_run[name] = one_shot_accuracies(
+                lambda x: embed_augmented(model, x, tta, copies, batch_size=embed_batch),
+                data.one_shot_runs,
+            )
+            tta_row["one-shot 20-way"] = sum(per_run[name]) / len(per_run[name])
+        rows.append(tta_row)
+
     results = {
         "table": rows,
         "one_shot_per_run": per_run,
-        "verdict": verdict,
+        "verdict": _verdict(rows[:3]),
+        "checkpoint": f"best.pt (epoch {best['epoch']}, chosen on "
+        + ("validation classes)" if data.val is not None else "the last epoch)"),
         "train_seconds": seconds,
         "epochs_run": len(history),
-        "test_classes": len(split.test_classes),
-        "train_classes": len(train_set.class_names),
+        "train_classes": data.source_classes,
+        "train_classes_with_rotations": len(torch.unique(data.train.labels)),
+        "test_classes": len(_present_classes(data.test)),
+        "val_classes": 0 if data.val is None else len(_present_classes(data.val)),
+        "skipped_files": sum(int(r.get("skipped_files", 0)) for r in history),
     }
     report.write_json(out / "results.json", results)  # the scores, even if the report fails
-    write_report(out, config, results, model, train_set, test_set, val_set)
+    write_report(out, config, results, model, data.train, data.test, data.val)
     return results
+
+
+def _input_spec(model: nn.Module) -> dict[str, Any] | None:
+    spec = getattr(model, "input_spec", None)
+    return None if spec is None else dict(spec.to_dict())
+
+
+def _present_classes(dataset: Any) -> list[str]:
+    """Names of the classes that have samples in ``dataset`` (a split keeps every name)."""
+    present = torch.unique(dataset.labels).tolist()
+    return [dataset.class_names[i] for i in present]
+
+
+def _display_images(dataset: Any, rows: Tensor) -> Tensor:
+    """Images of ``dataset[rows]`` in ``[0, 1]`` for the report's neighbour grid (photos
+    decoded without normalisation, at the model's input side)."""
+    if hasattr(dataset, "x"):
+        images: Tensor = dataset.x[rows]
+        return images
+    size = int(getattr(dataset.transform, "size", 64))
+    channels = 3 if dataset.mode == "RGB" else 1
+    plain = dataset.with_transform(
+        EvalTransform(size, mean=(0.0,) * channels, std=(1.0,) * channels)
+    )
+    decoded = []
+    for i in rows.tolist():
+        x = plain[i][0]
+        decoded.append(torch.zeros(channels, size, size) if x is None else x)
+    return torch.stack(decoded)
 
 
 def write_report(
@@ -177,9 +365,9 @@ def write_report(
     config: RunConfig,
     results: dict[str, Any],
     model: nn.Module,
-    train_set: ArrayDataset,
-    test_set: ArrayDataset,
-    val_set: ArrayDataset | None = None,
+    train_set: Any,
+    test_set: Any,
+    val_set: Any | None = None,
 ) -> Path:
     """Curves, embedding maps, neighbour grid, verification and the HTML page of a finished run.
 
@@ -187,40 +375,57 @@ def write_report(
     none (the one-shot benchmark) the validation split. Its record is stored in
     ``results["verification"]`` and ``out/results.json`` is rewritten with it.
     """
+    from . import __version__
+
     device = next(model.parameters()).device
+    batch_size = config.train.embed_batch_size
     figures = [report.plot_curves(report.read_metrics(out / "metrics.jsonl"), out / "curves.png")]
     # all samples of 20 random training classes (the map shows at most 20 colours)
     classes = torch.unique(train_set.labels)
     shown = classes[torch.randperm(len(classes), generator=torch.Generator().manual_seed(0))[:20]]
     seen = train_set.subset(torch.where(torch.isin(train_set.labels, shown))[0])
-    seen_emb = embed(model, seen.x, device=device)
-    groups = [("seen classes", seen_emb, seen.labels)]
-    test_emb = embed(model, test_set.x, device=device) if len(test_set) else None
+    if hasattr(seen, "with_transform") and hasattr(test_set, "transform"):
+        seen = seen.with_transform(test_set.transform)  # evaluation's transform, not training's
+    seen_emb = embed_dataset(model, seen, batch_size, device)
+    groups = [("classes seen in training", seen_emb.embeddings, seen_emb.labels)]
+    test_emb = embed_dataset(model, test_set, batch_size, device) if len(test_set) else None
     if test_emb is not None:
-        groups.append(("unseen classes", test_emb, test_set.labels))
+        groups.append(("classes never seen (test)", test_emb.embeddings, test_emb.labels))
     figures.append(
         report.plot_embedding_map(groups, out / "embedding_map.png", method=config.projection)
     )
-    if test_emb is not None and test_set.x.ndim == 4:
-        pick = torch.randperm(len(test_set), generator=torch.Generator().manual_seed(1))[:8]
-        neighbours = report.nearest_neighbours(test_emb, test_emb, 6, exclude_self=True)[pick]
+    images_in = hasattr(test_set, "paths") or getattr(test_set, "x", torch.empty(0)).ndim == 4
+    if test_emb is not None and images_in and len(test_emb.embeddings) > 6:
+        n = len(test_emb.embeddings)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:8]
+        neighbours = report.nearest_neighbours(
+            test_emb.embeddings, test_emb.embeddings, 6, exclude_self=True
+        )[pick]
+        shown_rows = torch.unique(torch.cat([pick, neighbours.flatten()]))
+        position = {int(r): i for i, r in enumerate(shown_rows.tolist())}
+        images = _display_images(test_set, test_emb.kept_indices[shown_rows])
+        remap = torch.tensor([position[int(r)] for r in neighbours.flatten()])
         figures.append(
             report.plot_neighbours(
-                test_set.x[pick],
-                test_set.labels[pick],
-                test_set.x,
-                test_set.labels,
-                neighbours,
+                images[[position[int(p)] for p in pick]],
+                test_emb.labels[pick],
+                images,
+                test_emb.labels[shown_rows],
+                remap.view_as(neighbours),
                 out / "neighbours.png",
             )
         )
 
     verification_png = out / "verification.png"
     if test_emb is not None:
-        record = report.verification_record(test_emb, test_set.labels, "test", verification_png)
+        record = report.verification_record(
+            test_emb.embeddings, test_emb.labels, "test", verification_png
+        )
     elif val_set is not None and len(val_set):
-        val_emb = embed(model, val_set.x, device=device)
-        record = report.verification_record(val_emb, val_set.labels, "validation", verification_png)
+        val_emb = embed_dataset(model, val_set, batch_size, device)
+        record = report.verification_record(
+            val_emb.embeddings, val_emb.labels, "validation", verification_png
+        )
     else:
         record = {"split": None, "skipped": "the run holds out no test or validation classes"}
     results["verification"] = record
@@ -231,13 +436,22 @@ def write_report(
         notes=[report.verification_note(record)],
         figures=[] if "skipped" in record else [verification_png],
     )
+    notes = [
+        results["verdict"],
+        f"Scores of {results.get('checkpoint', 'best.pt')}.",
+        f"Data: {config.dataset}; {results.get('train_classes', '?')} training classes, "
+        f"{results.get('test_classes', '?')} test classes ({len(test_set)} images).",
+        f"Training time {results['train_seconds']:.0f} s; "
+        f"{results.get('skipped_files', 0)} unreadable files skipped.",
+        f"deepmetric {__version__}, written {time.strftime('%Y-%m-%d %H:%M')}.",
+    ]
     return report.write_html(
         out,
         f"deepmetric run: {config.dataset}",
         results["table"],
         figures,
         config.to_dict(),
-        notes=[results["verdict"], f"training time {results['train_seconds']:.0f} s"],
+        notes=notes,
         sections=[verification],
     )
 
@@ -310,7 +524,7 @@ def oneshot_config(
 
 
 def launch_experiment(
-    config: RunConfig, nproc: int | None, timeout_s: float
+    config: RunConfig, nproc: int | None, timeout_s: float, mode: str = "auto"
 ) -> dict[str, Any] | None:
     """:func:`run_experiment` in this process; in ``nproc`` new local processes (``--nproc``);
     or, when torchrun started this process, as one process of its job (see
@@ -325,17 +539,21 @@ def launch_experiment(
         if nproc is not None:
             raise ValueError("--nproc starts processes itself; leave it out under torchrun")
         with process_group(config.train.device, timeout_s) as rank:
-            on_this_rank = run_experiment(config)
+            on_this_rank = run_experiment(config, mode=mode)
         return on_this_rank if rank == 0 else None
     if nproc is None or nproc == 1:
-        return run_experiment(config)
+        return run_experiment(config, mode=mode)
     if nproc < 1 or config.train.p % nproc != 0:
         raise ValueError(
             f"--nproc must be >= 1 and divide p={config.train.p} (the classes of a batch are "
             f"split across the processes), got {nproc}"
         )
     start_processes(
-        nproc, run_experiment, (config,), device=config.train.device, timeout_s=timeout_s
+        nproc,
+        run_experiment,
+        (config, True, mode),
+        device=config.train.device,
+        timeout_s=timeout_s,
     )
     results: dict[str, Any] = json.loads((Path(config.out) / "results.json").read_text())
     return results
