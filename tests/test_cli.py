@@ -39,9 +39,13 @@ def test_demo_digits_writes_a_run_folder(tmp_path: Path, capsys: pytest.CaptureF
     assert "<h2>Verification on unseen classes</h2>" in page
     assert f"<td>AUC</td><td>{verification['auc']:.4f}</td>" in page
 
-    assert main(["evaluate", "--run", str(out)]) == 0
+    assert main(["evaluate", "--run", str(out), "--no-progress"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert 0 <= metrics["precision_at_1"] <= 1
+    # the same names and values as the table's trained row (best.pt on the same test classes)
+    trained = results["table"][2]
+    for name in ("Recall@1", "MAP@R", "1-shot id"):
+        assert metrics[name] == pytest.approx(trained[name], abs=1e-6), name
+    assert metrics["data"].startswith("the run's test classes") and metrics["classes"] == 4
     assert main(["embed", "--run", str(out), "--out", str(tmp_path / "emb.npy")]) == 0
     emb = np.load(tmp_path / "emb.npy")
     assert emb.shape == (1797, 128)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from .transforms import EvalTransform
 
 __all__ = [
     "demo_config",
+    "METRIC_NAMES",
     "format_table",
     "launch_experiment",
     "one_shot_accuracies",
@@ -60,6 +62,17 @@ def one_shot_accuracies(embed_fn: Any, runs: Sequence[Any]) -> list[float]:
         accuracies.append(float((predicted == run.query_labels).float().mean()))
     return accuracies
 
+
+#: One name per retrieval metric, in the result table, ``evaluate`` and the report (the
+#: AccuracyCalculator's keys, used by ``metrics.jsonl`` and ``train.metric``, on the left).
+METRIC_NAMES = {
+    "precision_at_1": "Recall@1",
+    "recall_at_2": "Recall@2",
+    "recall_at_4": "Recall@4",
+    "recall_at_8": "Recall@8",
+    "r_precision": "R-precision",
+    "mean_average_precision_at_r": "MAP@R",
+}
 
 #: How many random choices of the enrolled image the 1-shot identification averages over.
 ONE_SHOT_DRAWS = 10
@@ -133,7 +146,7 @@ def _score_row(
     classes, and the one-shot runs' accuracies (Omniglot)."""
     row: dict[str, Any] = {"embedding": name}
     if len(data.test):
-        embedded = _embed_all(model, data.test, config, device)
+        embedded = _labelled(_embed_all(model, data.test, config, device))
         metrics = retrieval_metrics(embedded.embeddings, embedded.labels)
         row["Recall@1"] = metrics["precision_at_1"]
         row["MAP@R"] = metrics["mean_average_precision_at_r"]
@@ -242,7 +255,8 @@ def run_experiment(config: RunConfig, progress: bool = True, mode: str = "auto")
                 },
                 dataset=config.dataset,
                 extra={
-                    "model": model.describe() if hasattr(model, "describe") else None,
+                    "dataset_path": _absolute_path(config.dataset),
+                    "model": _describe(model),
                     "input_spec": _input_spec(model),
                     "lazy": data.lazy,
                 },
@@ -331,6 +345,22 @@ def run_experiment(config: RunConfig, progress: bool = True, mode: str = "auto")
     return results
 
 
+def _absolute_path(spec: str) -> str | None:
+    """The absolute path of a ``KIND:PATH`` dataset spec (None for the built-in ones), so
+    that later commands find the data from any working directory."""
+    kind, sep, path = spec.partition(":")
+    return str(Path(path).resolve()) if sep and path else None
+
+
+def _describe(model: nn.Module) -> dict[str, Any] | None:
+    """How :func:`deepmetric.models.build_embedder` built ``model`` (None for other models)."""
+    describe = getattr(model, "describe", None)
+    try:
+        return None if describe is None else dict(describe())
+    except ValueError:  # an EmbeddingNet assembled by hand
+        return None
+
+
 def _input_spec(model: nn.Module) -> dict[str, Any] | None:
     spec = getattr(model, "input_spec", None)
     return None if spec is None else dict(spec.to_dict())
@@ -340,6 +370,20 @@ def _present_classes(dataset: Any) -> list[str]:
     """Names of the classes that have samples in ``dataset`` (a split keeps every name)."""
     present = torch.unique(dataset.labels).tolist()
     return [dataset.class_names[i] for i in present]
+
+
+@dataclass
+class _Labelled:
+    embeddings: Tensor
+    labels: Tensor
+    kept_indices: Tensor
+
+
+def _labelled(embedded: Any) -> _Labelled:
+    """Embeddings of a labelled dataset (a ``ValueError`` if the dataset had no labels)."""
+    if embedded.labels is None:
+        raise ValueError("scoring needs a labelled dataset")
+    return _Labelled(embedded.embeddings, embedded.labels, embedded.kept_indices)
 
 
 def _display_images(dataset: Any, rows: Tensor) -> Tensor:
@@ -386,9 +430,11 @@ def write_report(
     seen = train_set.subset(torch.where(torch.isin(train_set.labels, shown))[0])
     if hasattr(seen, "with_transform") and hasattr(test_set, "transform"):
         seen = seen.with_transform(test_set.transform)  # evaluation's transform, not training's
-    seen_emb = embed_dataset(model, seen, batch_size, device)
+    seen_emb = _labelled(embed_dataset(model, seen, batch_size, device))
     groups = [("classes seen in training", seen_emb.embeddings, seen_emb.labels)]
-    test_emb = embed_dataset(model, test_set, batch_size, device) if len(test_set) else None
+    test_emb = (
+        _labelled(embed_dataset(model, test_set, batch_size, device)) if len(test_set) else None
+    )
     if test_emb is not None:
         groups.append(("classes never seen (test)", test_emb.embeddings, test_emb.labels))
     figures.append(
@@ -422,7 +468,7 @@ def write_report(
             test_emb.embeddings, test_emb.labels, "test", verification_png
         )
     elif val_set is not None and len(val_set):
-        val_emb = embed_dataset(model, val_set, batch_size, device)
+        val_emb = _labelled(embed_dataset(model, val_set, batch_size, device))
         record = report.verification_record(
             val_emb.embeddings, val_emb.labels, "validation", verification_png
         )

@@ -334,18 +334,21 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--dataset", default=None, metavar="SPEC", help="default: the run's test classes"
     )
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     emb = _command(
         sub,
         "embed",
         "train:cmd_embed",
         "write embeddings of a dataset to .npy",
-        "Embed every image of a dataset with a run's model and write OUT.npy (N x D float32) "
-        "and OUT_labels.npy (N class indices) beside it.",
+        "Embed every image of a dataset with a run's model and write OUT.npy (N x D float32), "
+        "OUT_labels.npy (N class indices) and, for image files, OUT_files.txt (the file of "
+        "each row) beside it. Unreadable files are skipped and named.",
     )
     _add_run_flags(emb)
     emb.add_argument("--dataset", default=None, metavar="SPEC", help="default: the run's dataset")
     emb.add_argument("--out", required=True, metavar="FILE.npy", help="embeddings file to write")
+    emb.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_index_commands(sub: argparse._SubParsersAction) -> None:

@@ -30,7 +30,6 @@ Every command returns an exit code; bad input raises ``ValueError``, which
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,12 +38,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
-from ..data import ArrayDataset
-from ..index import EmbeddingIndex, SearchResult, embed, model_fingerprint
-from ..runs import RunConfig, build_model, load_config, load_dataset
+from .. import run_folder
+from ..config import RunConfig, load_config
+from ..data import DECODE_ERRORS, decode_image, open_dataset
+from ..index import EmbeddingIndex, SearchResult, model_fingerprint
+from ..inference import Embedded, embed_dataset
+from ..io import atomic_write_json
+from ..models import embedder_from_config
+from ..runs import build_model, dataset_kind, load_dataset
 from ..training import load_checkpoint
+from ..transforms import EvalTransform
 from ..verification import (
     VerificationResult,
     evaluate_labelled_set,
@@ -59,48 +65,62 @@ __all__ = ["TrainedRun", "load_image", "load_run", "load_run_dataset"]
 @dataclass
 class TrainedRun:
     """A run folder's config and model (in evaluation mode), the shape of one model input
-    (``(C, H, W)`` for images, ``(D,)`` for features) and the model's fingerprint."""
+    (``(C, H, W)`` for images, ``(D,)`` for features), what ``run.json`` recorded, and the
+    model's fingerprint."""
 
     config: RunConfig
     model: nn.Module
     input_shape: tuple[int, ...]
     fingerprint: str
+    info: run_folder.RunInfo
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "best.pt") -> TrainedRun:
-    """Rebuild the model of a run folder from ``config.yaml`` and ``checkpoint``.
-
-    The run's own dataset is loaded for the shape of its inputs (the model is built for it).
-    """
+    """Rebuild the model of a run folder from ``config.yaml``, ``run.json`` and ``checkpoint``,
+    without its training data (which may have moved) and from any working directory."""
     folder = Path(run_dir)
     if not folder.is_dir():
         raise ValueError(f"run folder not found: {folder}")
     config = load_config(folder / "config.yaml")
+    info = run_folder.read_info(folder)
     state = load_checkpoint(folder / checkpoint)
-    sample = load_dataset(config.dataset, config.image_size).x[0]
-    model = build_model(config.model, sample)
+    described = info.extra.get("model")
+    if isinstance(described, dict):  # built by build_embedder: no weights file, no download
+        model: nn.Module = embedder_from_config(described, pretrained=False)
+    else:
+        model = build_model(config.model, info.input_shape)
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as error:
         raise ValueError(
-            f"{folder / checkpoint} does not fit the model of {folder / 'config.yaml'}: {error}"
+            f"{folder / checkpoint} does not fit the model recorded in {folder}: {error}"
         ) from error
     model.eval()
-    return TrainedRun(config, model, tuple(sample.shape), model_fingerprint(model))
+    return TrainedRun(config, model, info.input_shape, model_fingerprint(model), info)
 
 
-def _input_size(run: TrainedRun) -> int:
-    """The side length images are resized to: the model's square input, else ``image_size``."""
-    shape = run.input_shape
-    if len(shape) == 3 and shape[1] == shape[2]:
-        return shape[2]
-    return run.config.image_size
+def _eval_transform(run: TrainedRun) -> EvalTransform:
+    """The run's evaluation transform for photos: its input side and normalisation."""
+    channels, size = run.input_shape[0], run.input_shape[-1]
+    spec = run.info.extra.get("input_spec") or {}
+    mean = tuple(spec.get("mean", (0.0,) * channels))
+    std = tuple(spec.get("std", (1.0,) * channels))
+    return EvalTransform(size, mean=mean, std=std)
 
 
-def load_run_dataset(spec: str, run: TrainedRun) -> ArrayDataset:
-    """Load a dataset spec for ``run``'s model: images decoded at the model's input size, and
-    a ``ValueError`` if the samples are not shaped like the model's inputs."""
-    dataset = load_dataset(spec, _input_size(run))
+def load_run_dataset(spec: str, run: TrainedRun) -> Any:
+    """A dataset spec prepared for ``run``'s model: photos as a lazy dataset with the run's
+    evaluation transform, built-in and NumPy data decoded at the model's input size; a
+    ``ValueError`` if the samples are not shaped like the model's inputs."""
+    if dataset_kind(spec) == "images":
+        if len(run.input_shape) != 3:
+            raise ValueError(
+                f"the run's model takes feature vectors of shape {run.input_shape}, not images"
+            )
+        mode = "RGB" if run.input_shape[0] == 3 else "L"
+        return open_dataset(spec, mode=mode, transform=_eval_transform(run))
+    size = run.input_shape[-1] if len(run.input_shape) == 3 else 28
+    dataset = load_dataset(spec, size)
     shape = tuple(dataset.x.shape[1:])
     if shape != run.input_shape:
         raise ValueError(
@@ -111,29 +131,36 @@ def load_run_dataset(spec: str, run: TrainedRun) -> ArrayDataset:
 
 
 def load_image(path: str | Path, run: TrainedRun) -> Tensor:
-    """One image file as ``(1, 1, H, W)`` float32 in ``[0, 1]``: grayscale, resized to the
-    run's input size, decoded exactly as :func:`deepmetric.data.load_image_folder` does."""
-    from PIL import Image, UnidentifiedImageError
-
+    """One image file as a batch of one ``(1, C, H, W)``, decoded as the run's evaluation
+    data is (photos: resize, centre crop and normalise; grey character images: a square)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image not found: {path}")
     shape = run.input_shape
-    if len(shape) != 3 or shape[0] != 1:
-        raise ValueError(
-            f"the run's model takes inputs of shape {shape}, not single-channel images"
-        )
+    if len(shape) != 3:
+        raise ValueError(f"the run's model takes inputs of shape {shape}, not images")
+    mode = "RGB" if shape[0] == 3 else "L"
     try:
-        with Image.open(path) as img:
-            grey = img.convert("L").resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
-            array = np.asarray(grey, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+        image = decode_image(path, mode)
+    except DECODE_ERRORS as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
-    return torch.from_numpy(array)[None, None]
+    if run.info.extra.get("lazy"):
+        return _eval_transform(run)(image, None)[None]
+    square = image.resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
+    array = np.asarray(square, dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array)
+    return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
 
 
-def _embed(run: TrainedRun, x: Tensor) -> Tensor:
-    return embed(run.model, x, batch_size=run.config.train.embed_batch_size, progress=False)
+def _embed(run: TrainedRun, data: Any, progress: bool = True) -> Embedded:
+    """:func:`deepmetric.inference.embed_dataset` with the run's batch size and workers."""
+    return embed_dataset(
+        run.model,
+        data,
+        batch_size=run.config.train.embed_batch_size,
+        num_workers=run.config.train.num_workers,
+        progress=progress,
+    )
 
 
 # -- the index ------------------------------------------------------------------------------------
@@ -180,13 +207,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         m=args.m,
         ef_search=args.ef_search,
     )
-    index.add_from_model(
-        run.model,
-        dataset.x,
-        dataset.labels,
-        batch_size=run.config.train.embed_batch_size,
-        progress=False,
-    )
+    embedded = _embed(run, dataset)
+    index.add(embedded.embeddings, _labels(embedded))
     index.class_names = dict(enumerate(dataset.class_names))
     index.save(args.out)
     print(
@@ -201,15 +223,20 @@ def _search_report(
     result: SearchResult,
     query_labels: Tensor | None,
     query_names: Sequence[str],
+    query_files: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """The results as plain data: per query its label (if known) and its neighbours."""
+    """The results as plain data: per query its file and class name (when known) and its
+    neighbours, each with its id, class name, source file (when the index recorded one) and
+    Euclidean distance. Labels are not reported: a query folder numbers its classes by
+    itself, the index by its own names, so only names compare."""
     distances = euclidean_distances(index, result.distances)
     queries = []
     for q in range(len(result.ids)):
         entry: dict[str, Any] = {"query": q}
+        if query_files is not None:
+            entry["file"] = query_files[q]
         if query_labels is not None:
             label = int(query_labels[q])
-            entry["label"] = label
             entry["class_name"] = query_names[label] if label < len(query_names) else str(label)
         neighbours = []
         for item, label, distance in zip(
@@ -217,34 +244,47 @@ def _search_report(
         ):
             if item < 0:  # fewer than k items in the index
                 continue
-            neighbours.append(
-                {
-                    "id": item,
-                    "label": label,
-                    "class_name": index.class_names.get(label, str(label)),
-                    "distance": distance,
-                }
-            )
+            hit: dict[str, Any] = {
+                "id": item,
+                "class_name": index.class_names.get(label, str(label)),
+                "distance": distance,
+            }
+            source = _source(index, item)
+            if source is not None:
+                hit["file"] = source
+            neighbours.append(hit)
         entry["neighbours"] = neighbours
         queries.append(entry)
-    return {"k": int(result.ids.shape[1]), "metric": index.metric, "queries": queries}
+    return {"k": int(result.ids.shape[1]), "distance": "euclidean", "queries": queries}
+
+
+def _source(index: EmbeddingIndex, item: int) -> str | None:
+    """The file an indexed item came from, when the index records sources."""
+    sources = getattr(index, "source_of", None)
+    return None if sources is None else sources(item)
+
+
+def _labels(embedded: Embedded) -> Tensor:
+    if embedded.labels is None:
+        raise ValueError("this command needs a labelled dataset (class folders)")
+    return embedded.labels
 
 
 def _print_search_report(report: dict[str, Any]) -> None:
     for entry in report["queries"]:
         known = f" (class {entry['class_name']!r})" if "class_name" in entry else ""
-        print(f"query {entry['query']}{known}:")
+        name = entry.get("file", f"query {entry['query']}")
+        print(f"{name}{known}:")
         for rank, hit in enumerate(entry["neighbours"], start=1):
+            where = f"  {hit['file']}" if "file" in hit else ""
             print(
                 f"  {rank:>3}. id {hit['id']:<8} class {hit['class_name']!r:<20} "
-                f"distance {hit['distance']:.4f}"
+                f"distance {hit['distance']:.4f}{where}"
             )
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2))
+    atomic_write_json(path, data)
 
 
 def _load_vectors(path: str) -> np.ndarray:
@@ -268,16 +308,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     index = _load_index(args.index)
     query_labels: Tensor | None = None
     query_names: list[str] = []
+    query_files: list[str] | None = None
     if args.dataset is not None:
         run = load_run(args.run, args.checkpoint)
         _check_same_model(index, run, args.index, args.run)
         dataset = load_run_dataset(args.dataset, run)
-        queries: Tensor | np.ndarray = _embed(run, dataset.x)
-        query_labels, query_names = dataset.labels, dataset.class_names
+        embedded = _embed(run, dataset, progress=False)
+        queries: Tensor | np.ndarray = embedded.embeddings
+        query_labels, query_names = _labels(embedded), dataset.class_names
+        paths = getattr(dataset, "paths", None)
+        if paths is not None:
+            query_files = [str(paths[i]) for i in embedded.kept_indices.tolist()]
     else:
         queries = _load_vectors(args.vectors)
     result = index.search(queries, args.k)
-    report = _search_report(index, result, query_labels, query_names)
+    report = _search_report(index, result, query_labels, query_names, query_files)
     if args.json:
         _write_json(args.json, report)
         print(f"wrote the {report['k']} nearest items of {len(result.ids)} queries to {args.json}")
@@ -304,14 +349,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             new_names.append(name)
             next_label += 1
     mapping = torch.tensor([label_of[name] for name in dataset.class_names])
-    labels = mapping[dataset.labels]
-    ids = index.add_from_model(
-        run.model,
-        dataset.x,
-        labels,
-        batch_size=run.config.train.embed_batch_size,
-        progress=False,
-    )
+    embedded = _embed(run, dataset)
+    ids = index.add(embedded.embeddings, mapping[_labels(embedded)])
     index.class_names.update({label_of[name]: name for name in new_names})
     index.save(args.index)  # crash-safe: the manifest naming the new items is renamed in last
     print(
@@ -324,15 +363,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 # -- verification ---------------------------------------------------------------------------------
 def calibrate(
-    run: TrainedRun, dataset: ArrayDataset, pairs: int, target_fpr: float, seed: int = 0
+    run: TrainedRun, dataset: Any, pairs: int, target_fpr: float, seed: int = 0
 ) -> VerificationResult:
     """Sample up to ``pairs`` genuine and ``pairs`` impostor pairs of ``dataset``, score them by
     the Euclidean distance of their embeddings and compute the verification metrics."""
     if pairs < 1:
         raise ValueError(f"--pairs must be a positive integer, got {pairs}")
+    embedded = _embed(run, dataset)
     return evaluate_labelled_set(
-        _embed(run, dataset.x),
-        dataset.labels,
+        embedded.embeddings,
+        _labels(embedded),
         max_pairs=pairs,
         seed=seed,
         target_fprs=(target_fpr,),
@@ -360,7 +400,8 @@ def _print_calibration(result: VerificationResult, spec: str) -> None:
 
 def _verify_pair(args: argparse.Namespace, run: TrainedRun, threshold: float) -> dict[str, Any]:
     a, b = load_image(args.a, run), load_image(args.b, run)
-    embeddings = _embed(run, torch.cat([a, b]))
+    with torch.no_grad():
+        embeddings = run.model(torch.cat([a, b])).float()
     distance = float(pair_distances(embeddings, [0], [1])[0])
     same = distance <= threshold
     relation = "<=" if same else ">"

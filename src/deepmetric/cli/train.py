@@ -13,22 +13,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
 from .._launch import launcher_rank
 from ..config import RunConfig, TrainConfig, load_config
-from ..data import load_omniglot_runs, split_by_class
 from ..experiment import (
+    METRIC_NAMES,
     demo_config,
     format_table,
     launch_experiment,
     one_shot_accuracies,
+    one_shot_identification,
     oneshot_config,
     run_experiment,
 )
-from ..runs import load_dataset
-from ..training import embed, retrieval_metrics
-from .index import load_run
+from ..inference import embed_dataset
+from ..io import atomic_write, atomic_write_text
+from ..models import EmbeddingNet
+from ..runs import build_data
+from ..training import TrainingInterrupted, retrieval_metrics
+from .index import TrainedRun, load_run, load_run_dataset
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -37,14 +42,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config.train.progress = not args.no_progress
     if launcher_rank() == 0:
         print(f"deepmetric demo: {config.dataset}, {config.train.epochs} epochs -> {config.out}")
-    results = launch_experiment(config, args.nproc, args.dist_timeout)
+    results = _launch(config, args.nproc, args.dist_timeout, "overwrite")
     if results is None:  # a torchrun process other than rank 0
         return 0
-    print()
-    print(format_table(results["table"]))
-    print()
-    print(results["verdict"])
-    print(f"training took {results['train_seconds']:.0f} s; report: {config.out}/report.html")
+    _print_results(config, results)
     return 0
 
 
@@ -52,7 +53,7 @@ def cmd_oneshot(args: argparse.Namespace) -> int:
     config = oneshot_config(args.epochs, args.seed, args.out, args.tta)
     config.train.progress = not args.no_progress
     print(f"deepmetric oneshot: {config.train.epochs} epochs, seed {args.seed} -> {config.out}")
-    results = run_experiment(config)
+    results = run_experiment(config, mode="overwrite")
     per_run = results["one_shot_per_run"]
     names = list(per_run)
     widths = [max(17, len(n)) for n in names]
@@ -105,50 +106,120 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
+def _launch(config: RunConfig, nproc: int | None, timeout: float, mode: str) -> Any:
+    """:func:`launch_experiment`, with an interruption (Ctrl-C, SIGTERM) turned into a message
+    that says how to continue."""
+    try:
+        return launch_experiment(config, nproc, timeout, mode)
+    except TrainingInterrupted as stop:
+        raise ValueError(
+            f"{stop}; the run is saved in {config.out}: continue it with the same command and "
+            "--resume"
+        ) from stop
+
+
+def _print_results(config: RunConfig, results: dict[str, Any]) -> None:
+    print()
+    print(format_table(results["table"]))
+    print()
+    print(results["verdict"])
+    print(f"training took {results['train_seconds']:.0f} s; scores of {results['checkpoint']}")
+    print(f"run folder: {config.out}  report: {Path(config.out) / 'report.html'}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.train.progress = not args.no_progress
-    results = launch_experiment(config, args.nproc, args.dist_timeout)
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "auto"
+    if launcher_rank() == 0:
+        print(f"deepmetric train: {config.dataset}, trunk {config.model.trunk} -> {config.out}")
+    results = _launch(config, args.nproc, args.dist_timeout, mode)
     if results is None:  # a torchrun process other than rank 0
         return 0
-    print(format_table(results["table"]))
-    print(results["verdict"])
+    _print_results(config, results)
     return 0
 
 
+def _run_test_split(run: TrainedRun) -> tuple[Any, list[Any]]:
+    """The held-out test classes of a run (and Omniglot's one-shot runs), read from the data
+    the run recorded, through the same split."""
+    config = run.config
+    recorded = run.info.extra.get("dataset_path")
+    if recorded:
+        kind = config.dataset.partition(":")[0]
+        config = RunConfig.from_dict({**config.to_dict(), "dataset": f"{kind}:{recorded}"})
+    model = run.model if isinstance(run.model, EmbeddingNet) else None
+    data = build_data(config, model)
+    return data.test, data.one_shot_runs
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run)
-    run = load_run(run_dir, args.checkpoint)
-    config, model = run.config, run.model
+    run = load_run(args.run, args.checkpoint)
     if args.dataset:
-        test_set = load_dataset(args.dataset, config.image_size)
+        test_set, runs = load_run_dataset(args.dataset, run), list[Any]()
+        split = args.dataset
     else:
-        dataset = load_dataset(config.dataset, config.image_size)
-        split = split_by_class(
-            dataset.labels, config.test_classes, config.val_classes, seed=config.split_seed
-        )
-        test_set = dataset.subset(split.test)
-    metrics: dict[str, float] = {}
+        test_set, runs = _run_test_split(run)
+        split = f"the run's test classes ({run.config.dataset})"
+    scores: dict[str, Any] = {"run": str(args.run), "checkpoint": args.checkpoint, "data": split}
     if len(test_set):  # (the one-shot benchmark holds out no test classes)
-        metrics = retrieval_metrics(embed(model, test_set.x), test_set.labels)
-    if config.dataset == "omniglot" and not args.dataset:
-        runs = load_omniglot_runs(config.image_size)
-        accuracies = one_shot_accuracies(lambda x: embed(model, x), runs)
-        metrics["one_shot_20_way"] = sum(accuracies) / len(accuracies)
-    if not metrics:
-        raise ValueError(f"{run_dir} holds out no test classes: name a dataset with --dataset")
-    print(json.dumps(metrics, indent=2))
+        embedded = embed_dataset(
+            run.model,
+            test_set,
+            batch_size=run.config.train.embed_batch_size,
+            num_workers=run.config.train.num_workers,
+            progress=not args.no_progress,
+        )
+        assert embedded.labels is not None
+        scores["images"] = len(embedded.embeddings)
+        scores["classes"] = len(set(embedded.labels.tolist()))
+        scores["skipped_files"] = len(embedded.skipped_indices)
+        metrics = retrieval_metrics(embedded.embeddings, embedded.labels)
+        scores.update({METRIC_NAMES[k]: v for k, v in metrics.items()})
+        one_shot = one_shot_identification(embedded.embeddings, embedded.labels)
+        if one_shot is not None:
+            scores["1-shot id"] = one_shot
+    if runs:
+        model = run.model
+        with torch.no_grad():
+            accuracies = one_shot_accuracies(lambda x: model(x).float(), runs)
+        scores["one-shot 20-way"] = sum(accuracies) / len(accuracies)
+    if "images" not in scores and not runs:
+        raise ValueError(f"{args.run} holds out no test classes: name a dataset with --dataset")
+    print(json.dumps(scores, indent=2))
     return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     run = load_run(args.run, args.checkpoint)
-    config, model = run.config, run.model
-    dataset = load_dataset(args.dataset or config.dataset, config.image_size)
-    emb = embed(model, dataset.x).numpy()
+    spec = args.dataset or run.config.dataset
+    dataset = load_run_dataset(spec, run)
+    embedded = embed_dataset(
+        run.model,
+        dataset,
+        batch_size=run.config.train.embed_batch_size,
+        num_workers=run.config.train.num_workers,
+        progress=not args.no_progress,
+    )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, emb)
-    np.save(out.with_name(out.stem + "_labels.npy"), dataset.labels.numpy())
-    print(f"wrote {emb.shape[0]} embeddings of size {emb.shape[1]} to {out}")
+    if out.suffix != ".npy":
+        raise ValueError(f"--out must name a .npy file, got {out}")
+    emb = embedded.embeddings.numpy()
+    labels_path = out.with_name(out.stem + "_labels.npy")
+    atomic_write(out, lambda f: np.save(f, emb))
+    if embedded.labels is not None:
+        labels = embedded.labels.numpy()
+        atomic_write(labels_path, lambda f: np.save(f, labels))
+    written = [f"{emb.shape[0]} embeddings of size {emb.shape[1]} to {out}"]
+    if embedded.labels is not None:
+        written.append(f"their class indices to {labels_path}")
+    paths = getattr(dataset, "paths", None)
+    if paths is not None:  # name the file of every row
+        files_path = out.with_name(out.stem + "_files.txt")
+        rows = embedded.kept_indices.tolist()
+        atomic_write_text(files_path, "\n".join(str(paths[i]) for i in rows) + "\n")
+        written.append(f"the image file of each row to {files_path}")
+    print("wrote " + "; ".join(written))
+    if embedded.skipped_indices:
+        print(f"skipped {len(embedded.skipped_indices)} unreadable files (named above)")
     return 0
