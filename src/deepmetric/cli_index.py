@@ -4,6 +4,7 @@ deepmetric index build --run runs/x --dataset folder:gallery --out gallery.index
 deepmetric search --index gallery.index --run runs/x --dataset folder:queries -k 5 --json hits.json
 deepmetric search --index gallery.index --vectors queries.npy        # embeddings, no model needed
 deepmetric enroll --index gallery.index --run runs/x --dataset folder:new_people
+deepmetric index remove --index gallery.index --class alice          # or --ids 3 7, --source F
 deepmetric verify --run runs/x --dataset folder:faces --plot roc.png   # calibrate a threshold
 deepmetric verify --run runs/x --a one.png --b two.png --threshold 0.8 # same or different?
 
@@ -15,7 +16,11 @@ A *run* is the folder a ``deepmetric train``/``demo`` wrote: ``config.yaml`` and
 
 An index (:class:`~deepmetric.index.EmbeddingIndex`, a directory) records the fingerprint of
 the model that filled it; ``search`` and ``enroll`` refuse a run whose model differs, since
-distances between embeddings of two different models mean nothing.
+distances between embeddings of two different models mean nothing. It also records each item's
+source (an image's absolute path, else ``SPEC#i``, the ``i``-th sample of a dataset spec), so
+that ``enroll`` refuses to store a file twice (``--skip-existing`` enrols only the new ones) and
+``index remove --source`` finds an item by its file. ``index build`` refuses to replace an
+existing index unless given ``--overwrite``.
 
 Distances printed by ``search`` are Euclidean distances between the index's stored vectors
 (unit vectors by default, the index normalises), the same units as the thresholds ``verify``
@@ -30,8 +35,11 @@ Every command returns an exit code; bad input raises ``ValueError``, which
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +49,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import ArrayDataset
-from .index import EmbeddingIndex, SearchResult, embed, model_fingerprint
+from .data import IMAGE_SUFFIXES, ArrayDataset
+from .index import MANIFEST_NAME, EmbeddingIndex, SearchResult, embed, model_fingerprint
 from .runs import RunConfig, build_model, load_config, load_dataset
 from .training import load_checkpoint
 from .verification import (
@@ -169,9 +177,63 @@ def euclidean_distances(index: EmbeddingIndex, scores: Tensor) -> Tensor:
     return -scores
 
 
+def _dataset_sources(spec: str, dataset: ArrayDataset) -> list[str] | None:
+    """Where each sample of ``dataset`` (loaded from ``spec``) came from: its file's absolute
+    path, or ``SPEC#i`` for the ``i``-th sample of digits, omniglot or an array file; ``None``
+    where that is not known (an unreadable image was skipped, so files and samples no longer
+    line up)."""
+    paths = getattr(dataset, "paths", None)  # datasets that keep their files say so
+    if paths is not None and len(paths) == len(dataset):
+        return [os.path.abspath(path) for path in paths]
+    kind, _, location = spec.partition(":")
+    if kind in ("folder", "csv") and location:
+        files = _image_files(kind, Path(location))
+        return [os.path.abspath(f) for f in files] if len(files) == len(dataset) else None
+    if kind == "arrays" and location:
+        spec = f"arrays:{os.path.abspath(location)}"
+    return [f"{spec}#{i}" for i in range(len(dataset))]
+
+
+def _image_files(kind: str, location: Path) -> list[Path]:
+    """The image files of a ``folder:`` or ``csv:`` dataset in the order
+    :func:`deepmetric.data.load_image_folder` / ``load_image_csv`` read them."""
+    if kind == "folder":
+        classes = sorted(p for p in location.iterdir() if p.is_dir())
+        return [
+            path
+            for folder in classes
+            for path in sorted(folder.rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    with location.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row]
+    if rows and [cell.strip().lower() for cell in rows[0]] == ["path", "label"]:
+        rows = rows[1:]
+    return [location.parent / row[0].strip() for row in rows]
+
+
+def _check_ivf_can_train(nlist: int, n_items: int, what: str) -> None:
+    """An IVF index learns its ``nlist`` cells from its first items: say on the command line
+    what to do when there are too few."""
+    if n_items < nlist:
+        raise ValueError(
+            f"an IVF index with --nlist {nlist} needs at least {nlist} items to train its cells, "
+            f"and {what} has {n_items}: pass a smaller --nlist (about {max(1, n_items // 39)} "
+            "gives the ~39 items per cell faiss asks for) or use --kind flat (exact search, "
+            "fast enough up to about a million items)"
+        )
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; an index is a directory")
+    if (out / MANIFEST_NAME).exists() and not args.overwrite:
+        raise ValueError(
+            f"{out} already holds an index: pass --overwrite to replace it, add to it with "
+            f"'deepmetric enroll --index {out}', or choose another --out"
+        )
     run = load_run(args.run, args.checkpoint)
-    dataset = load_run_dataset(args.dataset, run)
     index = EmbeddingIndex(
         run.config.model.embedding_size,
         kind=args.kind,
@@ -180,18 +242,22 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         m=args.m,
         ef_search=args.ef_search,
     )
+    dataset = load_run_dataset(args.dataset, run)
+    if index.kind == "ivf":
+        _check_ivf_can_train(index.nlist, len(dataset), args.dataset)
     index.add_from_model(
         run.model,
         dataset.x,
         dataset.labels,
+        sources=_dataset_sources(args.dataset, dataset),
         batch_size=run.config.train.embed_batch_size,
         progress=False,
     )
     index.class_names = dict(enumerate(dataset.class_names))
-    index.save(args.out)
+    index.save(out)
     print(
         f"indexed {len(index)} items of {len(dataset.class_names)} classes from "
-        f"{args.dataset} ({index.kind}, {index.embedding_size}-dimensional) -> {args.out}"
+        f"{args.dataset} ({index.kind}, {index.embedding_size}-dimensional) -> {out}"
     )
     return 0
 
@@ -291,24 +357,54 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     run = load_run(args.run, args.checkpoint)
     _check_same_model(index, run, args.index, args.run)
     dataset = load_run_dataset(args.dataset, run)
+    sources = _dataset_sources(args.dataset, dataset)
+    if sources is None:
+        print(
+            f"deepmetric: warning: the files of {args.dataset} do not line up with its samples "
+            "(unreadable images were skipped); they are enrolled without their file names, and "
+            "files already in the index cannot be detected",
+            file=sys.stderr,
+        )
+    else:
+        stored = {source for source in index.sources if source is not None}
+        known = [i for i, source in enumerate(sources) if source in stored]
+        if known and not args.skip_existing:
+            raise ValueError(
+                f"{len(known)} of the {len(sources)} items of {args.dataset} are already in the "
+                f"index {args.index} (e.g. {sources[known[0]]}); enrolling them again would "
+                "store duplicates. Pass --skip-existing to enrol only the new ones, or remove "
+                f"the old ones first ('deepmetric index remove --index {args.index} --source "
+                "FILE ...')"
+            )
+        if known:
+            keep = sorted(set(range(len(sources))) - set(known))
+            print(f"skipping {len(known)} items already in the index")
+            if not keep:
+                print(f"nothing to enrol: the index already holds every item of {args.dataset}")
+                return 0
+            dataset, sources = dataset.subset(keep), [sources[i] for i in keep]
+    if index.kind == "ivf" and not index.is_trained:
+        _check_ivf_can_train(index.nlist, len(dataset), f"{args.dataset} (to enrol)")
     # A class name the index already knows keeps its label; every other name gets a new one.
     label_of: dict[str, int] = {}
     for label, name in sorted(index.class_names.items()):
         label_of.setdefault(name, label)
     used = [*index.class_names, *index.labels.tolist()]
     next_label = max(used, default=-1) + 1
+    present = sorted(set(dataset.labels.tolist()))
     new_names = []
-    for name in dataset.class_names:
+    for name in (dataset.class_names[label] for label in present):
         if name not in label_of:
             label_of[name] = next_label
             new_names.append(name)
             next_label += 1
-    mapping = torch.tensor([label_of[name] for name in dataset.class_names])
+    mapping = torch.tensor([label_of.get(name, -1) for name in dataset.class_names])
     labels = mapping[dataset.labels]
     ids = index.add_from_model(
         run.model,
         dataset.x,
         labels,
+        sources=sources,
         batch_size=run.config.train.embed_batch_size,
         progress=False,
     )
@@ -316,8 +412,70 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     index.save(args.index)  # crash-safe: the manifest naming the new items is renamed in last
     print(
         f"enrolled {len(ids)} items (ids {int(ids.min())}-{int(ids.max())}): "
-        f"{len(new_names)} new classes, {len(dataset.class_names) - len(new_names)} known; "
+        f"{len(new_names)} new classes, {len(present) - len(new_names)} known; "
         f"the index now holds {len(index)} items"
+    )
+    return 0
+
+
+def _ids_to_remove(index: EmbeddingIndex, args: argparse.Namespace) -> np.ndarray:
+    """The ids named by ``--ids``, ``--class`` and ``--source`` (``ValueError`` for any that
+    names nothing in the index, before anything is removed)."""
+    chosen: list[np.ndarray] = []
+    if args.ids:
+        wanted = np.array(args.ids, dtype=np.int64)
+        missing = [int(i) for i in wanted if int(i) not in index]
+        if missing:
+            raise ValueError(f"ids not in the index {args.index}: {missing[:10]}")
+        chosen.append(wanted)
+    if args.class_names:
+        ids, labels = index.ids.numpy(), index.labels.numpy()
+        for name in args.class_names:
+            of_class = [label for label, known in index.class_names.items() if known == name]
+            members = ids[np.isin(labels, of_class)]
+            if len(members) == 0:
+                known_names = ", ".join(sorted(set(index.class_names.values()))[:20])
+                raise ValueError(
+                    f"no item of class {name!r} in the index {args.index} (its classes: "
+                    f"{known_names})"
+                )
+            chosen.append(members)
+    if args.sources:
+        stored = {source for source in index.sources if source is not None}
+        # A file is stored under its absolute path; SPEC#i sources are matched as given.
+        names = [s if s in stored else os.path.abspath(s) for s in args.sources]
+        missing = [
+            given for given, name in zip(args.sources, names, strict=True) if name not in stored
+        ]
+        if missing:
+            raise ValueError(f"no item of the index {args.index} was enrolled from {missing[:5]}")
+        chosen.append(index.ids_of_sources(names).numpy())
+    return np.unique(np.concatenate(chosen))
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    if not (args.ids or args.class_names or args.sources):
+        raise ValueError("index remove needs --ids, --class or --source: which items to remove")
+    index = _load_index(args.index)
+    doomed = _ids_to_remove(index, args)
+    index.remove(doomed)
+    if args.compact:
+        try:
+            index.compact()
+        except ValueError as error:  # an IVF index with fewer items left than cells
+            raise ValueError(
+                f"{error}: run without --compact (the cells stay as they were trained) or "
+                "rebuild the index with 'deepmetric index build' and a smaller --nlist"
+            ) from error
+    index.save(args.index)
+    tombstones = (
+        f" ({index.n_tombstones} removed items stay in the HNSW graph until --compact)"
+        if index.n_tombstones
+        else ""
+    )
+    print(
+        f"removed {len(doomed)} items from {args.index}; it now holds {len(index)} "
+        f"items{tombstones}"
     )
     return 0
 
@@ -412,28 +570,103 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
 def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--run", required=required, help="run folder (config.yaml + checkpoint)")
     parser.add_argument("--checkpoint", default="best.pt", help="checkpoint file in the run")
 
 
 def add_index_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``index build``, ``search``, ``enroll`` and ``verify`` on the subcommands of
-    the ``deepmetric`` parser."""
-    index = sub.add_parser("index", help="build a searchable index of a dataset's embeddings")
+    """Register ``index build``, ``index remove``, ``search``, ``enroll`` and ``verify`` on
+    the subcommands of the ``deepmetric`` parser."""
+    index = sub.add_parser(
+        "index", help="build a searchable index of a dataset's embeddings, or remove items"
+    )
     index_sub = index.add_subparsers(dest="index_command", required=True)
-    build = index_sub.add_parser("build", help="embed a dataset and save an index of it")
+    build = index_sub.add_parser(
+        "build",
+        help="embed a dataset and save an index of it",
+        description="Embed every sample of --dataset with the run's model and save a "
+        "searchable index of the embeddings (with their labels, class names and files) in --out.",
+    )
     _add_run_flags(build)
     build.add_argument("--dataset", required=True, help="dataset spec, e.g. folder:PATH")
     build.add_argument("--out", required=True, help="index directory to write")
-    build.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat")
-    build.add_argument("--nlist", type=_positive_int, default=None, help="IVF: k-means cells")
-    build.add_argument("--nprobe", type=_positive_int, default=None, help="IVF: cells searched")
-    build.add_argument("--m", type=_positive_int, default=None, help="HNSW: links per node")
     build.add_argument(
-        "--ef-search", type=_positive_int, default=None, help="HNSW: candidates per query"
+        "--overwrite",
+        action="store_true",
+        help="replace the index already in --out (default: refuse, so that an enrolled index "
+        "is not lost by accident)",
+    )
+    build.add_argument(
+        "--kind",
+        choices=("flat", "ivf", "hnsw"),
+        default="flat",
+        help="flat: exact search, fast enough up to about a million items (default); ivf: "
+        "k-means cells, approximate (--nlist, --nprobe); hnsw: a graph, approximate "
+        "(--m, --ef-search)",
+    )
+    build.add_argument(
+        "--nlist",
+        type=_positive_int,
+        default=None,
+        help="IVF: k-means cells (default 1024); needs at least that many items, ideally ~39 "
+        "per cell",
+    )
+    build.add_argument(
+        "--nprobe",
+        type=_positive_int,
+        default=None,
+        help="IVF: cells searched per query (default min(32, nlist); nlist is exact)",
+    )
+    build.add_argument(
+        "--m", type=_positive_int, default=None, help="HNSW: links per node (default 32)"
+    )
+    build.add_argument(
+        "--ef-search",
+        type=_positive_int,
+        default=None,
+        help="HNSW: candidates kept per query (default 64; more is slower and more exact)",
     )
     build.set_defaults(func=cmd_index_build)
+
+    remove = index_sub.add_parser(
+        "remove",
+        help="remove items from an index by id, class or file",
+        description="Remove items from an index in place; any of --ids, --class and --source, "
+        "which may be combined. Every name must match an item, or nothing is removed.",
+    )
+    remove.add_argument("--index", required=True, help="index directory (updated in place)")
+    remove.add_argument(
+        "--ids", type=_non_negative_int, nargs="+", metavar="ID", help="the items' ids"
+    )
+    remove.add_argument(
+        "--class",
+        dest="class_names",
+        nargs="+",
+        metavar="NAME",
+        help="every item of these classes",
+    )
+    remove.add_argument(
+        "--source",
+        dest="sources",
+        nargs="+",
+        metavar="FILE",
+        help="the items enrolled from these image files (or SPEC#i sources)",
+    )
+    remove.add_argument(
+        "--compact",
+        action="store_true",
+        help="rebuild the index from the items left (HNSW: drops the removed nodes from the "
+        "graph; IVF: re-trains the cells)",
+    )
+    remove.set_defaults(func=cmd_index_remove)
 
     search = sub.add_parser("search", help="nearest indexed items of query images or vectors")
     search.add_argument("--index", required=True, help="index directory")
@@ -444,11 +677,23 @@ def add_index_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--json", default=None, metavar="OUT", help="write the results here")
     search.set_defaults(func=cmd_search)
 
-    enroll = sub.add_parser("enroll", help="add new classes to an index, no retraining")
+    enroll = sub.add_parser(
+        "enroll",
+        help="add new classes to an index, no retraining",
+        description="Embed --dataset with the run that built the index and add it to the index "
+        "in place: known class names keep their label, new ones get a new label. A file "
+        "already in the index is refused unless --skip-existing.",
+    )
     enroll.add_argument("--index", required=True, help="index directory (updated in place)")
     _add_run_flags(enroll)
     enroll.add_argument(
         "--dataset", required=True, help="e.g. folder:PATH, one sub-folder per new class"
+    )
+    enroll.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="enrol only the files not already in the index (default: refuse the whole dataset "
+        "if any file is)",
     )
     enroll.set_defaults(func=cmd_enroll)
 
