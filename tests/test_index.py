@@ -983,3 +983,31 @@ def test_any_dtype_and_scale_is_stored_and_searched_right_or_refused(
         expected_row = truth[q, result.ids[q].numpy()]
         tolerance = 1e-5 * scale[q, result.ids[q].numpy()] + 1e-6 * normalize
         assert (np.abs(got[q] - expected_row) <= tolerance).all(), (got[q], expected_row)
+
+
+def test_saving_over_a_format_1_index_replaces_it(tmp_path: Path) -> None:
+    """A format-1 save (one unverified manifest naming ``index-<16 hex>.faiss``) is refused by
+    load with a way out, and a new save over it removes the file it named, nothing else."""
+    old_file = tmp_path / "index-0123456789abcdef.faiss"
+    old_file.write_bytes(b"an old faiss file")
+    (tmp_path / "keep.tmp").write_bytes(b"the user's")
+    old_manifest = {"format": index_module.FORMAT_NAME, "format_version": 1}
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({**old_manifest, "index_file": old_file.name})
+    )
+    with pytest.raises(ValueError, match="format version 1.*rebuild the index"):
+        EmbeddingIndex.load(tmp_path)
+    index, vectors = filled("flat")
+    index.save(tmp_path)
+    assert not old_file.exists() and (tmp_path / "keep.tmp").read_bytes() == b"the user's"
+    assert_same_index(index, EmbeddingIndex.load(tmp_path), vectors[:10])
+
+
+def test_a_re_signed_next_id_below_the_stored_ids_is_refused(tmp_path: Path) -> None:
+    index, _ = filled("flat")
+    index.save(tmp_path)
+    manifest, _ = read_save(tmp_path)
+    manifest["next_id"] = 10  # ids up to 118 are stored: new ids would collide
+    (tmp_path / "manifest.json").write_text(json.dumps(sign(manifest)))
+    with pytest.raises(ValueError, match="next_id 10 is not above the stored ids"):
+        EmbeddingIndex.load(tmp_path)

@@ -48,13 +48,16 @@ magnitude float32 distances can represent (see :meth:`~EmbeddingIndex.add`); any
 * ``manifest.json``: the settings, the model's fingerprint, the class names, the name, size and
   SHA-256 of the two files above, and the SHA-256 of the manifest's own content.
 
+The checksums catch accidents and edits; they are not a signature (anyone can recompute them).
+
 A save touches only files it owns. The two data files get fresh random names (created
 exclusively, so nothing of the user's is overwritten) and are referenced by nothing until
-``manifest.json`` is replaced, atomically, last; the files the previous manifest named are then
-deleted, and nothing else. Before writing, the save records the names it is about to create
-in the previous manifest (``pending``), so that the leftovers of a save killed half-way are
-known to be the index's own and the next save deletes them. A crash anywhere in a save leaves
-the previous index loadable. No pickle is involved.
+``manifest.json`` is replaced, last, by renaming a uniquely named temporary file over it; the
+files the previous manifest named are then deleted, and nothing else. Before writing, the save
+records the names it is about to create in the previous manifest (``pending``), so that the
+leftovers of a save killed half-way are known to be the index's own and the next save deletes
+them (a first save into a folder has no manifest to record them in: killed, it leaves them). A
+crash anywhere in a save leaves the previous index loadable. No pickle is involved.
 """
 
 from __future__ import annotations
@@ -661,7 +664,9 @@ class EmbeddingIndex:
 
     def search(self, queries: Tensor | np.ndarray, k: int) -> SearchResult:
         """The ``k`` nearest live items of each of the ``(Nq, D)`` queries (see
-        :class:`SearchResult`)."""
+        :class:`SearchResult`). Queries are checked and converted as :meth:`add` checks and
+        converts embeddings (any floating dtype; ``ValueError`` for values the index cannot
+        represent)."""
         k = _check_positive_int(k, "k")
         vectors = self._prepare(queries, "queries")
         if len(vectors) == 0 or len(self) == 0:
@@ -848,6 +853,9 @@ class EmbeddingIndex:
             raise ValueError(f"{items_path}: the ids must be ascending and match its labels")
         if len(ids) != manifest["n_items"]:
             raise ValueError(f"{items_path} holds {len(ids)} items, the manifest says otherwise")
+        next_id = int(manifest["next_id"])
+        if len(ids) and next_id <= ids[-1]:  # fresh ids would collide with stored ones
+            raise ValueError(f"the manifest's next_id {next_id} is not above the stored ids")
         if faiss_index.d != index.embedding_size:
             raise ValueError(f"{index_path} holds {faiss_index.d}-dimensional vectors")
         if faiss_index.metric_type != _FAISS_METRICS[index.metric]:
@@ -862,7 +870,7 @@ class EmbeddingIndex:
             raise ValueError(f"the ids stored in {index_path} differ from those of {items_path}")
         index._index = faiss_index
         index._ids, index._labels, index._sources = ids, labels, sources
-        index._next_id = int(manifest["next_id"])
+        index._next_id = next_id
         index.fingerprint = manifest["fingerprint"]
         index.class_names = {int(label): name for label, name in manifest["class_names"].items()}
         return index
@@ -945,9 +953,9 @@ class EmbeddingIndex:
     def _check_sources_are_new(self, sources: np.ndarray, ids: np.ndarray) -> None:
         """Refuse sources stored under an id other than the one they are added with (that
         item is being replaced)."""
+        if all(source is None for source in sources.tolist()):
+            return  # the common case of a library caller, without building the lookup
         owner = self._source_owners()
-        if not owner:
-            return
         clashes = [
             (source, owner[source])
             for source, item in zip(sources.tolist(), ids.tolist(), strict=True)
