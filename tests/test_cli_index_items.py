@@ -212,3 +212,19 @@ def test_every_option_of_build_enroll_and_remove_is_explained() -> None:
     text = index_commands["build"].format_help()
     for default in ("default 1024", "default 32", "default 64", "(default)"):
         assert default in text
+
+
+def test_enrolling_a_folder_with_an_unreadable_image_warns_that_files_are_not_named(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "gallery.index"
+    assert build(run_dir, out) == 0
+    people = tmp_path / "people"
+    add_people(people, ["alice", "bob"])
+    (people / "bob" / "broken.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert enroll(run_dir, out, people) == 0
+    assert "enrolled without their file names" in capsys.readouterr().err
+    index = EmbeddingIndex.load(out)
+    assert len(index) == 1797 + 2 and index.sources[-2:] == [None, None]
