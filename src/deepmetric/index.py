@@ -900,9 +900,11 @@ class EmbeddingIndex:
     def _prepare(self, embeddings: Tensor | np.ndarray, name: str) -> np.ndarray:
         """Validated ``(n, D)`` C-contiguous float32, normalised if the index normalises.
 
-        Each row is first divided by its largest magnitude, so that its norm is computed
-        without overflow or underflow whatever its scale (a float64 row of 1e300 normalises to
-        the right direction; ``F.normalize`` in float32 would square it to inf).
+        Norms are computed without overflow or underflow whatever a row's scale: a row whose
+        plain norm lies outside ``(2^-40, 2^60)`` (where squaring may overflow, or lose the
+        precision of tiny components) gets it again from the row divided by its largest
+        magnitude. So a float64 row of 1e300 normalises to the right direction, where
+        ``F.normalize`` in float32 squares it to inf.
         """
         tensor = _as_tensor(embeddings, name)
         check_embeddings(tensor, name)  # 2-D, floating point, finite
@@ -915,10 +917,15 @@ class EmbeddingIndex:
             return np.empty((0, self.embedding_size), dtype=np.float32)
         # float16 and bfloat16 convert to float32 exactly; float64 keeps its range until the end.
         wide = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
-        peak = wide.abs().amax(dim=1, keepdim=True)
-        zero = peak[:, 0] == 0
-        scaled = wide / torch.where(zero[:, None], torch.ones_like(peak), peak)
-        scaled_norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)  # in [1, sqrt(D)]
+        norms = torch.linalg.vector_norm(wide, dim=1).double()
+        odd = (norms <= 2.0**-40) | (norms >= 2.0**60)
+        if bool(odd.any()):
+            rows = wide[odd]
+            peak = rows.abs().amax(dim=1, keepdim=True)
+            scaled = rows / torch.where(peak > 0, peak, torch.ones_like(peak))
+            scaled_norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)  # 0 or >= 1
+            norms[odd] = (peak.double() * scaled_norm.double())[:, 0]
+        zero = norms == 0
         if self.normalize:
             if bool(zero.any()):
                 row = int(zero.nonzero()[0, 0])
@@ -926,9 +933,10 @@ class EmbeddingIndex:
                     f"{name} row {row} is all zeros: an index that normalises stores directions, "
                     "and a zero vector has none"
                 )
-            unit = (scaled / scaled_norm).float()
-            return np.ascontiguousarray(unit.numpy(), dtype=np.float32)
-        norms = (peak.double() * scaled_norm.double())[:, 0]
+            unit = wide / norms.to(wide.dtype)[:, None]  # right for every row but the odd ones
+            if bool(odd.any()):
+                unit[odd] = scaled / scaled_norm
+            return np.ascontiguousarray(unit.float().numpy(), dtype=np.float32)
         too_large = norms > _MAX_NORM
         too_small = (norms < _MIN_NORM) & ~zero
         if bool(too_large.any()) or bool(too_small.any()):
