@@ -5,8 +5,12 @@ dict-based reference."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +285,8 @@ def test_input_validation() -> None:
         "2-D": (np.ones(4, np.float32), [0]),
         "labels has 1 entries": (good, [0]),
         "integer dtype": (good, [0.5, 1.0]),
-        "overflow": (np.full((2, 4), 1e300), [0, 0]),
+        "floating-point": (np.ones((2, 4), np.int64), [0, 0]),
+        "row 1 is all zeros": (np.array([[1, 0, 0, 0], [0, 0, 0, 0]], np.float32), [0, 0]),
     }
     for message, (embeddings, labels) in bad_inputs.items():
         with pytest.raises(ValueError, match=message):
@@ -422,21 +427,52 @@ def test_save_load_round_trip(kind: str, tmp_path: Path) -> None:
     assert_same_index(index, EmbeddingIndex.load(tmp_path / "catalogue"), vectors[:10])
 
 
-def test_manifest_is_plain_json(tmp_path: Path) -> None:
+def read_save(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest and the items file of a saved index, as plain JSON."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    items = json.loads((folder / manifest["files"]["items"]["name"]).read_text())
+    return manifest, items
+
+
+def sign(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest with its own checksum recomputed as documented: SHA-256 of its content
+    without the checksum, as JSON with sorted keys, no spaces, ASCII only."""
+    body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return {**body, "manifest_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def test_save_writes_plain_json_and_checksums_every_file(tmp_path: Path) -> None:
     index, _ = filled("hnsw")
+    index.add(np.eye(6, dtype=np.float32)[:2], [1, 2], sources=["a/1.png", "b/2.png"])
     index.save(tmp_path)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest, items = read_save(tmp_path)
     assert manifest["format_version"] == index_module.FORMAT_VERSION
     assert manifest["kind"] == "hnsw" and manifest["embedding_size"] == 6
-    assert manifest["ids"] == index.ids.tolist() and manifest["labels"] == index.labels.tolist()
-    assert manifest["hnsw_slot_ids"].count(-1) == 3  # the tombstones
-    assert (tmp_path / manifest["index_file"]).stat().st_size == manifest["index_bytes"]
+    assert manifest == sign(manifest)  # the manifest's checksum covers all of it
+    assert items["ids"] == index.ids.tolist() and items["labels"] == index.labels.tolist()
+    assert items["sources"] == [None] * 57 + ["a/1.png", "b/2.png"]
+    assert items["hnsw_slot_ids"].count(-1) == 3  # the tombstones
+    for entry in manifest["files"].values():
+        data = (tmp_path / entry["name"]).read_bytes()
+        assert len(data) == entry["bytes"]
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["manifest.json", *(entry["name"] for entry in manifest["files"].values())]
+    )
 
 
 @pytest.mark.parametrize(
     ("function", "call"),
-    [("fsync", 1), ("replace", 1), ("fsync", 2), ("replace", 2)],
-    ids=["writing the index", "renaming the index", "writing the manifest", "renaming it"],
+    [("fsync", 1), ("replace", 1), ("fsync", 2), ("fsync", 3), ("fsync", 4), ("replace", 2)],
+    ids=[
+        "claiming the new names",
+        "renaming the claim",
+        "writing the index",
+        "writing the items",
+        "writing the manifest",
+        "renaming it",
+    ],
 )
 def test_crash_mid_save_leaves_the_previous_index(
     function: str, call: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -460,46 +496,119 @@ def test_crash_mid_save_leaves_the_previous_index(
         new.save(tmp_path)
     monkeypatch.undo()
     assert not list(tmp_path.glob(".*.tmp"))  # temporaries cleaned up
+    assert len(list(tmp_path.glob("index-*.faiss"))) == 1  # so is the new index file
     assert_same_index(old, EmbeddingIndex.load(tmp_path), vectors[:10])
-    new.save(tmp_path)  # the next save succeeds and tidies up
+    new.save(tmp_path)  # the next save succeeds
     assert_same_index(new, EmbeddingIndex.load(tmp_path), vectors[:10])
     assert len(list(tmp_path.glob("index-*.faiss"))) == 1
 
 
-def test_a_killed_save_never_pairs_a_new_index_with_the_old_manifest(tmp_path: Path) -> None:
+def test_a_failing_faiss_writer_leaves_the_previous_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     old, vectors = filled("flat")
     old.save(tmp_path)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    # A process killed after writing the new index file (and a temporary) but before the
-    # manifest's rename leaves both files behind; the old manifest still names the old file.
-    new, _ = filled("flat", seed=15)
-    other = tmp_path / "other"
-    new.save(other)
-    for stray in other.glob("index-*.faiss"):
-        stray.rename(tmp_path / stray.name)
-    (tmp_path / ".manifest.json.dead.tmp").write_text('{"format": "trunc')
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def broken(index: Any) -> Any:
+        raise RuntimeError("faiss: out of memory")
+
+    monkeypatch.setattr(index_module.faiss, "serialize_index", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        filled("flat", seed=14)[0].save(tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert_same_index(old, EmbeddingIndex.load(tmp_path), vectors[:10])
-    old.save(tmp_path)  # a later save clears the debris
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
-        manifest["index_file"],
-        "manifest.json",
-    ]
-    new.save(other)
-    for stray in other.glob("index-*.faiss"):
-        stray.rename(tmp_path / stray.name)
-    # Pointing the manifest at the other file is caught by the checksum.
-    manifest["index_file"] = next(
-        p.name for p in tmp_path.glob("index-*.faiss") if p.name != manifest["index_file"]
+
+
+KILLED_SAVE = """
+import os, sys
+import numpy as np
+from deepmetric import index as index_module
+from deepmetric.index import EmbeddingIndex
+
+index = EmbeddingIndex.load(sys.argv[1])
+index.add(np.ones((3, 6), np.float32), [0, 1, 2])
+writes = 0
+real = index_module._write_manifest
+
+def die_before_the_manifest(path, body):
+    global writes
+    writes += 1
+    if writes == 2:  # the claim is written, the data files too: killed, no cleanup runs
+        os._exit(9)
+    real(path, body)
+
+index_module._write_manifest = die_before_the_manifest
+index.save(sys.argv[1])
+"""
+
+
+def test_a_killed_save_leaves_files_the_next_save_removes(tmp_path: Path) -> None:
+    old, vectors = filled("ivf")
+    old.save(tmp_path)
+    (tmp_path / "index-0123456789abcdef.faiss").write_bytes(b"the user's")
+    source_root = Path(index_module.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(source_root)}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(tmp_path)], env=env, capture_output=True
     )
+    assert killed.returncode == 9, killed.stderr.decode()
+    assert len(list(tmp_path.glob("index-*.faiss"))) == 3  # the old, the user's, the orphan
+    assert len(list(tmp_path.glob("items-*.json"))) == 2
+    assert_same_index(old, EmbeddingIndex.load(tmp_path), vectors[:10])
+    old.save(tmp_path)
+    manifest, _ = read_save(tmp_path)
+    owned = sorted(entry["name"] for entry in manifest["files"].values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["index-0123456789abcdef.faiss", "manifest.json", *owned]
+    )
+    assert (tmp_path / "index-0123456789abcdef.faiss").read_bytes() == b"the user's"
+
+
+def test_save_touches_only_its_own_files(tmp_path: Path) -> None:
+    users = {
+        "notes.tmp": b"1",
+        ".manifest.json.draft.tmp": b"2",
+        ".hidden.tmp": b"3",
+        "index-0123456789abcdef.faiss": b"4",
+        "index-mine.faiss": b"5",
+        f"items-{'ab' * 16}.json": b"6",
+        "manifest.json.bak": b"7",
+    }
+    for name, data in users.items():
+        (tmp_path / name).write_bytes(data)
+    first, vectors = filled("flat")
+    second, _ = filled("flat", seed=14)
+    for index in (first, second, first):
+        index.save(tmp_path)
+        assert_same_index(index, EmbeddingIndex.load(tmp_path), vectors[:10])
+        manifest, _ = read_save(tmp_path)
+        owned = [entry["name"] for entry in manifest["files"].values()]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [*users, "manifest.json", *owned]
+        )
+        assert all((tmp_path / name).read_bytes() == data for name, data in users.items())
+
+
+def test_a_tampered_manifest_cannot_make_a_save_delete_a_file(tmp_path: Path) -> None:
+    index, vectors = filled("flat")
+    index.save(tmp_path)
+    victim = tmp_path / "index-0123456789abcdef.faiss"
+    victim.write_bytes(b"the user's")
+    manifest, _ = read_save(tmp_path)
+    manifest["files"]["index"]["name"] = victim.name  # not re-signed
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="truncated|checksum"):
-        EmbeddingIndex.load(tmp_path)
+    index.save(tmp_path)
+    assert victim.read_bytes() == b"the user's"
+    assert_same_index(index, EmbeddingIndex.load(tmp_path), vectors[:10])
 
 
 def corrupt(tmp_path: Path, how: str) -> None:
     manifest_path = tmp_path / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    index_path = tmp_path / manifest["index_file"]
+    manifest, items = read_save(tmp_path)
+    index_path = tmp_path / manifest["files"]["index"]["name"]
+    items_path = tmp_path / manifest["files"]["items"]["name"]
     data = bytearray(index_path.read_bytes())
     if how == "truncated index":
         index_path.write_bytes(data[: len(data) // 2])
@@ -508,6 +617,8 @@ def corrupt(tmp_path: Path, how: str) -> None:
         index_path.write_bytes(bytes(data))
     elif how == "missing index":
         index_path.unlink()
+    elif how == "missing items":
+        items_path.unlink()
     elif how == "truncated manifest":
         manifest_path.write_bytes(manifest_path.read_bytes()[:100])
     elif how == "not a manifest":
@@ -516,11 +627,17 @@ def corrupt(tmp_path: Path, how: str) -> None:
         manifest["format_version"] = 99
         manifest_path.write_text(json.dumps(manifest))
     elif how == "labels":
-        manifest["labels"] = manifest["labels"][:-1]
+        items["labels"] = items["labels"][:-1]
+        items_path.write_text(json.dumps(items))
+    elif how == "edited manifest":
+        manifest["class_names"]["1"] = "wolf"
         manifest_path.write_text(json.dumps(manifest))
-    elif how == "missing field":
+    elif how == "missing field":  # re-signed: the checksum passes, the content does not
         del manifest["knobs"]
-        manifest_path.write_text(json.dumps(manifest))
+        manifest_path.write_text(json.dumps(sign(manifest)))
+    elif how == "escaping name":
+        manifest["files"]["items"]["name"] = "../items.json"
+        manifest_path.write_text(json.dumps(sign(manifest)))
 
 
 @pytest.mark.parametrize(
@@ -529,17 +646,68 @@ def corrupt(tmp_path: Path, how: str) -> None:
         ("truncated index", "truncated"),
         ("flipped byte", "checksum"),
         ("missing index", "cannot read"),
+        ("missing items", "cannot read"),
         ("truncated manifest", "corrupt or truncated"),
         ("not a manifest", "not a deepmetric"),
         ("version", "format version 99"),
-        ("labels", "match its labels"),
+        ("labels", r"items-\w+\.json has \d+ bytes"),
+        ("edited manifest", "manifest.json does not match its own checksum"),
         ("missing field", "malformed"),
+        ("escaping name", "not a file an index saves"),
     ],
 )
 def test_corrupt_saves_are_a_clear_value_error(how: str, message: str, tmp_path: Path) -> None:
     filled("ivf")[0].save(tmp_path)
     corrupt(tmp_path, how)
     with pytest.raises(ValueError, match=message):
+        EmbeddingIndex.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("part", ["manifest", "index", "items"])
+def test_every_changed_digit_or_byte_of_every_file_is_refused(
+    kind: str, part: str, tmp_path: Path
+) -> None:
+    """Each file of a save is covered by a checksum: changing any one digit of a JSON file,
+    or flipping a byte of the faiss file, makes the load refuse, naming that file."""
+    index, _ = filled(kind)
+    index.add(np.eye(6, dtype=np.float32)[:1], [1], sources=["cat/0.png"])
+    index.save(tmp_path)
+    manifest, _ = read_save(tmp_path)
+    name = "manifest.json" if part == "manifest" else manifest["files"][part]["name"]
+    path = tmp_path / name
+    original = path.read_bytes()
+    if part == "index":
+        places = np.random.default_rng(0).choice(len(original), size=40, replace=False)
+    else:
+        places = np.array([i for i, byte in enumerate(original) if chr(byte).isdigit()])
+        places = places[np.linspace(0, len(places) - 1, 40).astype(int)]
+    for place in places.tolist():
+        changed = bytearray(original)
+        if part == "index":
+            changed[place] ^= 0x01
+        else:
+            changed[place] = ord(str((int(chr(changed[place])) + 1) % 10))
+        path.write_bytes(bytes(changed))
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            EmbeddingIndex.load(tmp_path)
+    path.write_bytes(original)
+    assert EmbeddingIndex.load(tmp_path).ids.tolist() == index.ids.tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_re_signed_ids_that_disagree_with_faiss_are_refused(kind: str, tmp_path: Path) -> None:
+    """Even with every checksum recomputed, ids that faiss does not hold are refused at load
+    (they would make a later remove fail)."""
+    index, _ = filled(kind)
+    index.save(tmp_path)
+    manifest, items = read_save(tmp_path)
+    items["ids"][1] -= 1  # still ascending: the ids are even
+    data = json.dumps(items).encode()
+    (tmp_path / manifest["files"]["items"]["name"]).write_bytes(data)
+    manifest["files"]["items"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (tmp_path / "manifest.json").write_text(json.dumps(sign(manifest)))
+    with pytest.raises(ValueError, match="differ from those of|do not match its ids"):
         EmbeddingIndex.load(tmp_path)
 
 
@@ -636,3 +804,210 @@ def test_search_parameters_survive_faiss_torch_utils(kind: str) -> None:
     result = index.search(data[:5], 3)
     assert result.ids.shape == (5, 3)
     assert not np.isin(result.ids.numpy(), [0, 1]).any()
+
+
+# -- sources and replacement ----------------------------------------------------------------------
+
+
+def test_sources_name_items_uniquely_and_survive_a_save(tmp_path: Path) -> None:
+    index = EmbeddingIndex.flat(3)
+    eye = np.eye(3, dtype=np.float32)
+    assert index.add(eye, [0, 1, 2], sources=["a.png", None, "c.png"]).tolist() == [0, 1, 2]
+    assert index.sources == ["a.png", None, "c.png"]
+    assert index.sources_of([2, 0]) == ["c.png", "a.png"]
+    assert index.ids_of_sources(["c.png", "a.png"]).tolist() == [2, 0]
+    refused = {
+        r"sources already in the index: 'a.png' \(id 0\)": (eye[:1], [5], ["a.png"]),
+        "sources must be unique, repeated: 'x'": (eye[:2], [5, 5], ["x", "x"]),
+        "sources has 1 entries": (eye[:2], [5, 5], ["x"]),
+        "not one string": (eye[:1], [5], "x"),
+        "non-empty string": (eye[:1], [5], [""]),
+    }
+    for message, (vectors, labels, sources) in refused.items():
+        with pytest.raises(ValueError, match=message):
+            index.add(vectors, labels, sources=sources)
+    with pytest.raises(ValueError, match="sources not in the index: 'zz'"):
+        index.ids_of_sources(["a.png", "zz"])
+    assert len(index) == 3  # nothing half-added
+    index.remove([0])
+    assert index.add(eye[:1], [7], sources=["a.png"]).tolist() == [3]  # its source is free again
+    index.save(tmp_path)
+    loaded = EmbeddingIndex.load(tmp_path)
+    assert loaded.ids.tolist() == [1, 2, 3]
+    assert loaded.sources == [None, "c.png", "a.png"]
+    assert loaded.search(eye[:1], 1).ids.tolist() == [[3]]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replace_swaps_stored_items_instead_of_refusing_them(kind: str) -> None:
+    index = make_index(kind, 4, metric="l2", normalize=False)
+    vectors = clustered(40, 4, 3, seed=20)
+    index.add(vectors, np.zeros(40, dtype=np.int64), sources=[f"f{i}" for i in range(40)])
+    reference = {i: (vectors[i], 0) for i in range(40)}
+    new = clustered(3, 4, 3, seed=21)
+    with pytest.raises(ValueError, match=r"ids already in the index: 3, 7 \(pass replace=True"):
+        index.add(new[:2], [1, 1], [3, 7])
+    with pytest.raises(ValueError, match=r"'f7' \(id 7\)"):  # a source of another item
+        index.add(new[:1], [1], [50], sources=["f7"], replace=True)
+    index.add(new, [1, 2, 3], [3, 7, 50], sources=["f3", "g7", "g50"], replace=True)
+    reference.update({3: (new[0], 1), 7: (new[1], 2), 50: (new[2], 3)})
+    assert len(index) == 41 and index.ids.tolist() == [*range(40), 50]
+    assert index.labels_of([3, 7, 50, 4]).tolist() == [1, 2, 3, 0]
+    assert index.sources_of([3, 7, 50, 4]) == ["f3", "g7", "g50", "f4"]
+    queries = np.concatenate([new, vectors[[3, 7]]])
+    assert_exact(index.search(queries, 10), reference, queries, 10, "l2", False)
+
+
+# -- magnitudes the index can and cannot represent ---------------------------------------------
+
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+MIN_NORM, MAX_NORM = 2.0**-63, 2.0**62  # squared: 2^-126 and 2^124, float32's normal range
+
+
+def test_rows_of_extreme_magnitude_normalise_to_their_direction() -> None:
+    """Rows whose float32 norm overflows (1e20: squares are inf) or falls below
+    ``F.normalize``'s epsilon (1e-30) are stored as unit vectors all the same."""
+    direction = np.array([3.0, 4.0, 0.0, 12.0]) / 13.0
+    index = EmbeddingIndex.flat(4, metric="inner_product")
+    rows = [
+        torch.tensor([[3e20, 4e20, 0.0, 12e20]], dtype=torch.float32),
+        torch.tensor([[3e-30, 4e-30, 0.0, 12e-30]], dtype=torch.float32),
+        torch.tensor([[3e300, 4e300, 0.0, 12e300]], dtype=torch.float64),
+        torch.tensor([[3e-300, 4e-300, 0.0, 12e-300]], dtype=torch.float64),
+    ]
+    for row in rows:
+        index.add(row, [0])
+    result = index.search(torch.from_numpy(direction[None]), 4)
+    np.testing.assert_allclose(result.distances.numpy(), [[1.0, 1.0, 1.0, 1.0]], atol=1e-6)
+    found = index.search(torch.tensor([[-3e20, -4e20, 0.0, -12e20]]), 1)
+    np.testing.assert_allclose(found.distances.numpy(), [[-1.0]], atol=1e-6)
+
+
+def test_unnormalised_rows_beyond_float32_distances_are_refused() -> None:
+    index = EmbeddingIndex.flat(2, metric="l2", normalize=False)
+    index.add(np.array([[1.0, 0.0]], np.float32), [0])
+    for row, problem in (
+        ([1e19, 1e19], r"norm 1.41e\+19: float32 squared distances overflow"),
+        ([3e38, 0.0], "norm 3e\\+38: float32 squared distances overflow"),
+        ([1e-20, 0.0], "norm 1e-20: float32 squared distances underflow"),
+    ):
+        with pytest.raises(ValueError, match=f"embeddings row 0 has {problem}"):
+            index.add(np.array([row], np.float32), [0])
+        with pytest.raises(ValueError, match=f"queries row 0 has {problem}"):
+            index.search(np.array([row], np.float32), 1)
+    assert len(index) == 1
+    # The bounds themselves are fine, and so is an exact zero: their distances are exact.
+    index = EmbeddingIndex.flat(2, metric="l2", normalize=False)
+    index.add(np.array([[MAX_NORM, 0.0], [0.0, MIN_NORM], [0.0, 0.0]]), [1, 2, 3], [1, 2, 3])
+    far = index.search(np.array([[-MAX_NORM, 0.0]]), 3)
+    assert far.ids[0, 2] == 1
+    assert far.distances[0].tolist() == [2.0**124, 2.0**124, 2.0**126]  # (2^62 + 2^62)^2
+    near = index.search(np.array([[0.0, MIN_NORM]]), 2)
+    assert near.ids[0].tolist() == [2, 3]
+    assert near.distances[0].tolist() == [0.0, 2.0**-126]
+
+
+def hypot_rows(x: np.ndarray) -> np.ndarray:
+    """Row norms by ``math.hypot``, which neither overflows nor underflows."""
+    return np.array([math.hypot(*row) for row in x.tolist()])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from(list(DTYPES)),
+    setting=st.sampled_from(
+        [(True, "inner_product"), (True, "l2"), (False, "l2"), (False, "inner_product")]
+    ),
+    exponent=st.one_of(st.integers(-24, 24), st.integers(-300, 300)),
+    spread=st.integers(0, 30),
+    zero_row=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_dtype_and_scale_is_stored_and_searched_right_or_refused(
+    kind: str,
+    dtype: str,
+    setting: tuple[bool, str],
+    exponent: int,
+    spread: int,
+    zero_row: bool,
+    seed: int,
+) -> None:
+    """Embeddings of every floating dtype and of scales 1e-300..1e300 (rows of different
+    scales mixed): either ``add`` refuses them with a ValueError because float32 distances
+    cannot represent them, or every search distance matches a float64 brute force on the
+    values as given (normalised by ``math.hypot``)."""
+    normalize, metric = setting
+    rng = np.random.default_rng(seed)
+    n, dim = 12, 4
+    row_exponents = np.clip(exponent + rng.integers(-spread, spread + 1, n), -300, 300)
+    values = rng.standard_normal((n, dim)) * 10.0 ** row_exponents[:, None]
+    if zero_row:
+        values[5] = 0.0
+    embeddings = torch.from_numpy(values).to(DTYPES[dtype])
+    received = embeddings.double().numpy()  # the values as the index receives them, exactly
+    norms = hypot_rows(received)
+    index = make_index(kind, dim, metric=metric, normalize=normalize)
+    if not np.isfinite(received).all():
+        expected = "NaN or Inf"
+    elif normalize and (norms == 0).any():
+        expected = "all zeros"
+    elif not normalize and ((norms > MAX_NORM) | ((norms < MIN_NORM) & (norms > 0))).any():
+        expected = "float32 squared distances (overflow|underflow)"
+    else:
+        expected = ""
+    if expected:
+        with pytest.raises(ValueError, match=expected):
+            index.add(embeddings, np.arange(n))
+        assert len(index) == 0
+        return
+    ids = index.add(embeddings, np.arange(n)).numpy()
+    result = index.search(embeddings, n)
+    x = received / norms[:, None] if normalize else received
+    if metric == "l2":
+        truth = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        square = (x**2).sum(1)
+        scale = square[:, None] + square[None, :]
+    else:
+        truth = x @ x.T
+        length = np.sqrt((x**2).sum(1))
+        scale = length[:, None] * length[None, :]
+    got = result.distances.numpy().astype(np.float64)
+    for q in range(n):
+        assert sorted(result.ids[q].tolist()) == sorted(ids.tolist())
+        expected_row = truth[q, result.ids[q].numpy()]
+        tolerance = 1e-5 * scale[q, result.ids[q].numpy()] + 1e-6 * normalize
+        assert (np.abs(got[q] - expected_row) <= tolerance).all(), (got[q], expected_row)
+
+
+def test_saving_over_a_format_1_index_replaces_it(tmp_path: Path) -> None:
+    """A format-1 save (one unverified manifest naming ``index-<16 hex>.faiss``) is refused by
+    load with a way out, and a new save over it removes the file it named, nothing else."""
+    old_file = tmp_path / "index-0123456789abcdef.faiss"
+    old_file.write_bytes(b"an old faiss file")
+    (tmp_path / "keep.tmp").write_bytes(b"the user's")
+    old_manifest = {"format": index_module.FORMAT_NAME, "format_version": 1}
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({**old_manifest, "index_file": old_file.name})
+    )
+    with pytest.raises(ValueError, match="format version 1.*rebuild the index"):
+        EmbeddingIndex.load(tmp_path)
+    index, vectors = filled("flat")
+    index.save(tmp_path)
+    assert not old_file.exists() and (tmp_path / "keep.tmp").read_bytes() == b"the user's"
+    assert_same_index(index, EmbeddingIndex.load(tmp_path), vectors[:10])
+
+
+def test_a_re_signed_next_id_below_the_stored_ids_is_refused(tmp_path: Path) -> None:
+    index, _ = filled("flat")
+    index.save(tmp_path)
+    manifest, _ = read_save(tmp_path)
+    manifest["next_id"] = 10  # ids up to 118 are stored: new ids would collide
+    (tmp_path / "manifest.json").write_text(json.dumps(sign(manifest)))
+    with pytest.raises(ValueError, match="next_id 10 is not above the stored ids"):
+        EmbeddingIndex.load(tmp_path)

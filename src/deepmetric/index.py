@@ -35,13 +35,29 @@ Distances are faiss's: ``"l2"`` gives *squared* Euclidean distances (smaller is 
 normalises, the default -- PML's default distance normalises too, and for unit vectors the two
 metrics rank identically).
 
-:meth:`~EmbeddingIndex.save` writes a directory: the faiss index in faiss's own format under a
-name holding its checksum, and ``manifest.json`` (ids, labels, metric, sizes, knobs, the
-model's fingerprint, the format version and the index file's SHA-256). Each file is written to
-a temporary name and renamed into place, the manifest last: until that final rename the
-previous manifest and the previous index file it names are untouched, so a crash anywhere in a
-save leaves the previous index loadable, and a new index file is never paired with an old
-manifest (the checksum would not match). No pickle is involved.
+Embeddings are checked before they are stored or searched: finite, floating point, and of a
+magnitude float32 distances can represent (see :meth:`~EmbeddingIndex.add`); anything else is a
+``ValueError`` rather than a silently wrong neighbour.
+
+:meth:`~EmbeddingIndex.save` writes a directory of three files, each covered by a SHA-256 that
+:meth:`~EmbeddingIndex.load` verifies (so a flipped byte or an edited digit anywhere is a
+``ValueError`` naming the file, never a silently different index):
+
+* ``index-<random>.faiss``: the faiss index in faiss's own format;
+* ``items-<random>.json``: the ids, labels, sources and HNSW slots of the items;
+* ``manifest.json``: the settings, the model's fingerprint, the class names, the name, size and
+  SHA-256 of the two files above, and the SHA-256 of the manifest's own content.
+
+The checksums catch accidents and edits; they are not a signature (anyone can recompute them).
+
+A save touches only files it owns. The two data files get fresh random names (created
+exclusively, so nothing of the user's is overwritten) and are referenced by nothing until
+``manifest.json`` is replaced, last, by renaming a uniquely named temporary file over it; the
+files the previous manifest named are then deleted, and nothing else. Before writing, the save
+records the names it is about to create in the previous manifest (``pending``), so that the
+leftovers of a save killed half-way are known to be the index's own and the next save deletes
+them (a first save into a folder has no manifest to record them in: killed, it leaves them). A
+crash anywhere in a save leaves the previous index loadable. No pickle is involved.
 """
 
 from __future__ import annotations
@@ -51,6 +67,7 @@ import importlib
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +76,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -76,8 +92,20 @@ Metric = Literal["auto", "l2", "inner_product"]
 ArrayLike = Tensor | np.ndarray | Sequence[int] | Sequence[float]
 
 FORMAT_NAME = "deepmetric.EmbeddingIndex"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+# The names a save gives its data files (format 1 used 16 hex digits of the checksum): only
+# files of these names that a verified manifest lists are ever deleted by a save.
+_OWNED_FILE = re.compile(r"(index-[0-9a-f]{16,32}\.faiss|items-[0-9a-f]{32}\.json)")
+
+# Without normalisation, faiss computes squared L2 distances (||x||^2 + ||q||^2 - 2 x.q, or
+# sums of squared differences) and inner products in float32. Vector norms in
+# [_MIN_NORM, _MAX_NORM] keep every such quantity within float32's normal range: (2^62 + 2^62)^2
+# = 2^126 < 2^128 (the float32 overflow), and 2^-63 squared is 2^-126, the smallest normal
+# float32. Outside it squared distances overflow to inf or underflow to 0 and the ranking is
+# noise.
+_MAX_NORM = 2.0**62
+_MIN_NORM = 2.0**-63
 
 _FAISS_METRICS = {"l2": faiss.METRIC_L2, "inner_product": faiss.METRIC_INNER_PRODUCT}
 
@@ -191,6 +219,30 @@ def _as_ids(values: ArrayLike, name: str) -> np.ndarray:
     return array
 
 
+def _as_sources(sources: Sequence[str | None] | None, n: int) -> np.ndarray:
+    """``n`` sources (strings, or ``None`` for "unknown") as an object array; ``ValueError`` for
+    a wrong count, a non-string, an empty string or a repeat."""
+    if sources is None:
+        return np.full(n, None, dtype=object)
+    if isinstance(sources, str | bytes):
+        raise ValueError("sources must be a sequence of strings, one per item, not one string")
+    values = list(sources)
+    if len(values) != n:
+        raise ValueError(f"sources has {len(values)} entries but there are {n} items")
+    for value in values:
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"each source must be a non-empty string or None, got {value!r}")
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"sources must be unique, repeated: {value!r}")
+        if value is not None:
+            seen.add(value)
+    array = np.empty(n, dtype=object)
+    array[:] = values
+    return array
+
+
 def _check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -238,9 +290,12 @@ class EmbeddingIndex:
     ``nprobe`` and ``ef_search`` may be changed at any time (``index.nprobe = 64``).
 
     Ids are non-negative integers, unique within the index (``add`` with an id that is already
-    stored raises ``ValueError``; a removed id may be added again). ``add`` without ids assigns
-    fresh ones above every id used so far. Labels are any int64; ``class_names`` is a plain
-    ``{label: name}`` dict saved with the index, for the caller's convenience.
+    stored raises ``ValueError`` unless ``replace=True``; a removed id may be added again).
+    ``add`` without ids assigns fresh ones above every id used so far. Labels are any int64;
+    ``class_names`` is a plain ``{label: name}`` dict saved with the index, for the caller's
+    convenience. Each item may also carry a *source*, a string naming where it came from (an
+    image file's path), unique within the index, so that results can name files and the same
+    file is not stored twice.
     """
 
     def __init__(
@@ -284,6 +339,7 @@ class EmbeddingIndex:
         # Live items, sorted by id: ids[i] is stored with labels[i].
         self._ids = np.empty(0, dtype=np.int64)
         self._labels = np.empty(0, dtype=np.int64)
+        self._sources = np.empty(0, dtype=object)  # str, or None where no source was given
         self._next_id = 0
         # HNSW only: faiss numbers graph nodes 0, 1, ...; node i holds id _slot_ids[i], or -1
         # for a tombstone. Other kinds give faiss the ids themselves.
@@ -408,6 +464,31 @@ class EmbeddingIndex:
         """HNSW: removed items still in the graph (0 for the other kinds); see :meth:`compact`."""
         return int(np.count_nonzero(self._slot_ids < 0))
 
+    @property
+    def sources(self) -> list[str | None]:
+        """The source of each id of :attr:`ids` (``None`` where none was given)."""
+        return self._sources.tolist()
+
+    def sources_of(self, ids: ArrayLike) -> list[str | None]:
+        """The sources of the given live ids (``ValueError`` for an unknown id)."""
+        wanted = _as_ids(ids, "ids")
+        positions, found = self._find(wanted)
+        if not found.all():
+            raise ValueError(f"ids not in the index: {_few(wanted[~found])}")
+        return self._sources[positions].tolist()
+
+    def ids_of_sources(self, sources: Sequence[str]) -> Tensor:
+        """``(n,)`` int64: the id of the item stored from each source (``ValueError`` naming
+        the sources that are not in the index)."""
+        wanted = _as_sources(sources, len(sources))
+        owner = self._source_owners()
+        missing = [source for source in wanted if source not in owner]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5])
+            more = f", ... ({len(missing)} in all)" if len(missing) > 5 else ""
+            raise ValueError(f"sources not in the index: {shown}{more}")
+        return torch.tensor([owner[source] for source in wanted], dtype=torch.int64)
+
     def labels_of(self, ids: ArrayLike) -> Tensor:
         """``(n,)`` int64 labels of the given live ids (``ValueError`` for an unknown id)."""
         wanted = _as_ids(ids, "ids")
@@ -437,11 +518,24 @@ class EmbeddingIndex:
         embeddings: Tensor | np.ndarray,
         labels: ArrayLike,
         ids: ArrayLike | None = None,
+        *,
+        sources: Sequence[str | None] | None = None,
+        replace: bool = False,
     ) -> Tensor:
         """Store ``(n, D)`` embeddings with ``(n,)`` integer labels; returns their ``(n,)`` ids.
 
-        ``ids`` (``(n,)`` non-negative integers) must be new; by default fresh ones are assigned.
-        An untrained IVF index is trained on this batch first.
+        ``ids`` (``(n,)`` non-negative integers) must be new, unless ``replace=True``: then an
+        item already stored under one of them is removed first (its vector, label and source
+        replaced). By default fresh ids are assigned. ``sources`` (``n`` strings or ``None``)
+        names where each item came from; a source already stored under another id is refused.
+        An untrained IVF index is trained on this batch first. Nothing is changed when any
+        check fails.
+
+        Embeddings may be float16, bfloat16, float32 or float64; they are stored as float32.
+        An index that normalises stores directions, so any finite non-zero vector is fine (a
+        zero vector has none: ``ValueError``). One that does not needs every non-zero vector's
+        norm within ``[2**-63, 2**62]`` (about 1e-19 to 5e18): beyond it faiss's float32
+        squared distances overflow or underflow, so the values are refused.
         """
         vectors = self._prepare(embeddings, "embeddings")
         label_array = check_labels(_as_tensor(labels, "labels"), torch.from_numpy(vectors))
@@ -455,13 +549,20 @@ class EmbeddingIndex:
             unique, counts = np.unique(new_ids, return_counts=True)
             if (counts > 1).any():
                 raise ValueError(f"ids must be unique, repeated: {_few(unique[counts > 1])}")
-            stored = self._find(new_ids)[1]
-            if stored.any():
-                raise ValueError(f"ids already in the index: {_few(new_ids[stored])}")
+        replaced = new_ids[self._find(new_ids)[1]]
+        if len(replaced) and not replace:
+            raise ValueError(
+                f"ids already in the index: {_few(replaced)} (pass replace=True to replace "
+                "those items, or remove() them first)"
+            )
+        new_sources = _as_sources(sources, len(vectors))
+        self._check_sources_are_new(new_sources, new_ids)
         if len(vectors) == 0:
             return torch.empty(0, dtype=torch.int64)
         if not self._index.is_trained:
             self._train_ivf(vectors)
+        if len(replaced):
+            self.remove(replaced)
 
         if self.kind == "hnsw":
             self._index.add(vectors)
@@ -473,6 +574,7 @@ class EmbeddingIndex:
         at = np.searchsorted(self._ids, new_ids[order])
         self._ids = np.insert(self._ids, at, new_ids[order])
         self._labels = np.insert(self._labels, at, new_labels[order])
+        self._sources = np.insert(self._sources, at, new_sources[order])
         self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         return torch.from_numpy(new_ids.copy())
 
@@ -483,10 +585,13 @@ class EmbeddingIndex:
         labels: ArrayLike,
         ids: ArrayLike | None = None,
         *,
+        sources: Sequence[str | None] | None = None,
+        replace: bool = False,
         batch_size: int = 256,
         progress: bool = True,
     ) -> Tensor:
-        """Embed ``inputs`` ``(n, ...)`` with ``model`` (see :func:`embed`) and :meth:`add` them.
+        """Embed ``inputs`` ``(n, ...)`` with ``model`` (see :func:`embed`) and :meth:`add` them
+        (``ids``, ``sources`` and ``replace`` as there).
 
         Records the model's :func:`model_fingerprint`; embeddings of a model whose fingerprint
         differs from the one already recorded are refused (``ValueError``): their distances to
@@ -504,7 +609,7 @@ class EmbeddingIndex:
         embeddings = embed(model, inputs, batch_size=batch_size, progress=progress)
         if len(inputs) == 0:
             embeddings = torch.empty(0, self.embedding_size)
-        new_ids = self.add(embeddings, labels, ids)
+        new_ids = self.add(embeddings, labels, ids, sources=sources, replace=replace)
         self.fingerprint = fingerprint
         return new_ids
 
@@ -529,6 +634,7 @@ class EmbeddingIndex:
                 raise RuntimeError(f"faiss removed {removed} of {len(doomed)} ids")
         self._ids = np.delete(self._ids, positions)
         self._labels = np.delete(self._labels, positions)
+        self._sources = np.delete(self._sources, positions)
 
     def compact(self) -> None:
         """Rebuild from the live items.
@@ -558,7 +664,9 @@ class EmbeddingIndex:
 
     def search(self, queries: Tensor | np.ndarray, k: int) -> SearchResult:
         """The ``k`` nearest live items of each of the ``(Nq, D)`` queries (see
-        :class:`SearchResult`)."""
+        :class:`SearchResult`). Queries are checked and converted as :meth:`add` checks and
+        converts embeddings (any floating dtype; ``ValueError`` for values the index cannot
+        represent)."""
         k = _check_positive_int(k, "k")
         vectors = self._prepare(queries, "queries")
         if len(vectors) == 0 or len(self) == 0:
@@ -588,48 +696,67 @@ class EmbeddingIndex:
     # -- saving and loading ----------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the index to ``directory`` (created if needed), replacing what was there.
+        """Write the index to ``directory`` (created if needed), replacing the index saved there.
 
-        Crash-safe (see the module documentation); one writer at a time per directory. The
-        index file takes about ``4·D`` bytes per stored vector (HNSW: plus ``8·M`` for links,
-        tombstones included), the manifest a few dozen bytes per item.
+        Touches only the files it owns, and is crash-safe (see the module documentation); one
+        writer at a time per directory. The index file takes about ``4·D`` bytes per stored
+        vector (HNSW: plus ``8·M`` for links, tombstones included), the items file a few dozen
+        bytes per item plus its source.
         """
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        data = faiss.serialize_index(self._index).tobytes()
-        checksum = hashlib.sha256(data).hexdigest()
-        index_name = f"index-{checksum[:16]}.faiss"
-        _write_atomically(folder / index_name, data)
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-            "metric": self.metric,
-            "normalize": self.normalize,
-            "embedding_size": self.embedding_size,
-            "knobs": {
-                "nlist": self.nlist,
-                "nprobe": self.nprobe,
-                "m": self.m,
-                "ef_search": self.ef_search,
-                "ef_construction": self.ef_construction,
-            },
-            "fingerprint": self.fingerprint,
-            "index_file": index_name,
-            "index_sha256": checksum,
-            "index_bytes": len(data),
-            "next_id": self._next_id,
+        index_data = faiss.serialize_index(self._index).tobytes()
+        items = {
             "ids": self._ids.tolist(),
             "labels": self._labels.tolist(),
+            "sources": self._sources.tolist(),
             "hnsw_slot_ids": self._slot_ids.tolist() if self.kind == "hnsw" else None,
-            "class_names": {str(label): name for label, name in self.class_names.items()},
         }
-        _write_atomically(folder / MANIFEST_NAME, json.dumps(manifest).encode())
+        items_data = json.dumps(items).encode()
+        token = uuid.uuid4().hex
+        index_name, items_name = f"index-{token}.faiss", f"items-{token}.json"
+        previous, previously_owned = _previous_save(folder)
+        if previous is not None:
+            # Claim the names about to be created, so that a save killed before its manifest is
+            # in place leaves files the next save knows to be its own.
+            pending = sorted({*previous.get("pending", []), index_name, items_name})
+            _write_manifest(folder / MANIFEST_NAME, {**previous, "pending": pending})
+        created: list[Path] = []
+        try:
+            for name, data in ((index_name, index_data), (items_name, items_data)):
+                _write_new_file(folder / name, data)
+                created.append(folder / name)
+            manifest = {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "kind": self.kind,
+                "metric": self.metric,
+                "normalize": self.normalize,
+                "embedding_size": self.embedding_size,
+                "knobs": {
+                    "nlist": self.nlist,
+                    "nprobe": self.nprobe,
+                    "m": self.m,
+                    "ef_search": self.ef_search,
+                    "ef_construction": self.ef_construction,
+                },
+                "fingerprint": self.fingerprint,
+                "next_id": self._next_id,
+                "n_items": len(self),
+                "class_names": {str(label): name for label, name in self.class_names.items()},
+                "files": {
+                    "index": _file_entry(index_name, index_data),
+                    "items": _file_entry(items_name, items_data),
+                },
+            }
+            _write_manifest(folder / MANIFEST_NAME, manifest)
+        except BaseException:
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
         _fsync_directory(folder)
-        # Left over from earlier saves, or from a save that was killed before its last rename.
-        for stale in [*folder.glob("index-*.faiss"), *folder.glob(".*.tmp")]:
-            if stale.name != index_name:
-                stale.unlink(missing_ok=True)
+        for name in sorted(previously_owned - {index_name, items_name}):
+            (folder / name).unlink(missing_ok=True)
 
     @classmethod
     def load(
@@ -641,10 +768,11 @@ class EmbeddingIndex:
     ) -> EmbeddingIndex:
         """Read an index written by :meth:`save`.
 
-        ``ValueError`` for another format version, an embedding size other than
-        ``expected_embedding_size``, a fingerprint other than ``expected_fingerprint`` (pass
-        ``model_fingerprint(model)`` to be sure the index was filled by that model), or a
-        truncated or corrupt manifest or index file. ``FileNotFoundError`` if there is none.
+        ``ValueError`` naming the file for any file that does not match its checksum (a flipped
+        byte, an edited digit, a truncation) or is missing, and for another format version, an
+        embedding size other than ``expected_embedding_size``, or a fingerprint other than
+        ``expected_fingerprint`` (pass ``model_fingerprint(model)`` to be sure the index was
+        filled by that model). ``FileNotFoundError`` if the directory holds no index.
         """
         folder = Path(directory)
         manifest_path = folder / MANIFEST_NAME
@@ -659,8 +787,15 @@ class EmbeddingIndex:
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
-                f"{folder} was saved in index format version {version!r}; this version of "
-                f"deepmetric reads version {FORMAT_VERSION}"
+                f"{manifest_path} was saved in index format version {version!r}; this version of "
+                f"deepmetric reads version {FORMAT_VERSION}: rebuild the index from its data "
+                "('deepmetric index build')"
+            )
+        stored_checksum = manifest.pop("manifest_sha256", None)
+        if stored_checksum != _manifest_checksum(manifest):
+            raise ValueError(
+                f"{manifest_path} does not match its own checksum: it was edited or corrupted "
+                "after it was saved"
             )
         size = manifest.get("embedding_size")
         if expected_embedding_size is not None and size != expected_embedding_size:
@@ -700,45 +835,42 @@ class EmbeddingIndex:
             normalize=manifest["normalize"],
             **per_kind[kind],
         )
-        index_path = folder / Path(manifest["index_file"]).name
+        index_path, index_data = _read_checked(folder, manifest["files"]["index"])
+        items_path, items_data = _read_checked(folder, manifest["files"]["items"])
         try:
-            data = index_path.read_bytes()
-        except OSError as error:
-            raise ValueError(f"cannot read the index file {index_path}: {error}") from error
-        if len(data) != manifest["index_bytes"]:
-            raise ValueError(
-                f"{index_path} has {len(data)} bytes, the manifest says "
-                f"{manifest['index_bytes']}: truncated or overwritten"
-            )
-        if hashlib.sha256(data).hexdigest() != manifest["index_sha256"]:
-            raise ValueError(f"{index_path} does not match the manifest's checksum: corrupt")
-        try:
-            faiss_index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            faiss_index = faiss.deserialize_index(np.frombuffer(index_data, dtype=np.uint8))
         except RuntimeError as error:
             raise ValueError(f"faiss cannot read {index_path}: {error}") from error
-
-        ids = np.asarray(manifest["ids"], dtype=np.int64).reshape(-1)
-        labels = np.asarray(manifest["labels"], dtype=np.int64).reshape(-1)
+        try:
+            items = json.loads(items_data)
+            ids = np.asarray(items["ids"], dtype=np.int64).reshape(-1)
+            labels = np.asarray(items["labels"], dtype=np.int64).reshape(-1)
+            sources = _as_sources(items["sources"], len(ids))
+            slot_ids = np.asarray(items["hnsw_slot_ids"] or [], dtype=np.int64).reshape(-1)
+        except (ValueError, KeyError, TypeError, OverflowError) as error:
+            raise ValueError(f"{items_path} is malformed: {error!r}") from error
         if len(ids) != len(labels) or (len(ids) > 1 and not (np.diff(ids) > 0).all()):
-            raise ValueError("the manifest's ids must be ascending and match its labels")
+            raise ValueError(f"{items_path}: the ids must be ascending and match its labels")
+        if len(ids) != manifest["n_items"]:
+            raise ValueError(f"{items_path} holds {len(ids)} items, the manifest says otherwise")
+        next_id = int(manifest["next_id"])
+        if len(ids) and next_id <= ids[-1]:  # fresh ids would collide with stored ones
+            raise ValueError(f"the manifest's next_id {next_id} is not above the stored ids")
         if faiss_index.d != index.embedding_size:
-            raise ValueError(f"the index file holds {faiss_index.d}-dimensional vectors")
+            raise ValueError(f"{index_path} holds {faiss_index.d}-dimensional vectors")
         if faiss_index.metric_type != _FAISS_METRICS[index.metric]:
-            raise ValueError("the index file's metric differs from the manifest's")
+            raise ValueError(f"the metric of {index_path} differs from the manifest's")
         if kind == "hnsw":
-            slot_ids = np.asarray(manifest["hnsw_slot_ids"], dtype=np.int64).reshape(-1)
             if len(slot_ids) != faiss_index.ntotal or not np.array_equal(
                 np.sort(slot_ids[slot_ids >= 0]), ids
             ):
-                raise ValueError("the manifest's HNSW slots do not match its ids")
+                raise ValueError(f"the HNSW slots of {items_path} do not match its ids")
             index._slot_ids = slot_ids
-        elif faiss_index.ntotal != len(ids):
-            raise ValueError(
-                f"the index file holds {faiss_index.ntotal} vectors, the manifest {len(ids)} ids"
-            )
+        elif not np.array_equal(np.sort(_faiss_ids(faiss_index)), ids):
+            raise ValueError(f"the ids stored in {index_path} differ from those of {items_path}")
         index._index = faiss_index
-        index._ids, index._labels = ids, labels
-        index._next_id = int(manifest["next_id"])
+        index._ids, index._labels, index._sources = ids, labels, sources
+        index._next_id = next_id
         index.fingerprint = manifest["fingerprint"]
         index.class_names = {int(label): name for label, name in manifest["class_names"].items()}
         return index
@@ -766,20 +898,84 @@ class EmbeddingIndex:
         self._index.train(vectors)
 
     def _prepare(self, embeddings: Tensor | np.ndarray, name: str) -> np.ndarray:
-        """Validated ``(n, D)`` C-contiguous float32, normalised if the index normalises."""
+        """Validated ``(n, D)`` C-contiguous float32, normalised if the index normalises.
+
+        Norms are computed without overflow or underflow whatever a row's scale: a row whose
+        plain norm lies outside ``(2^-40, 2^60)`` (where squaring may overflow, or lose the
+        precision of tiny components) gets it again from the row divided by its largest
+        magnitude. So a float64 row of 1e300 normalises to the right direction, where
+        ``F.normalize`` in float32 squares it to inf.
+        """
         tensor = _as_tensor(embeddings, name)
-        check_embeddings(tensor, name)
+        check_embeddings(tensor, name)  # 2-D, floating point, finite
         if tensor.shape[1] != self.embedding_size:
             raise ValueError(
                 f"{name} have {tensor.shape[1]} dimensions, the index holds "
                 f"{self.embedding_size}-dimensional embeddings"
             )
-        tensor = tensor.float()
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} overflow float32")
+        if len(tensor) == 0:
+            return np.empty((0, self.embedding_size), dtype=np.float32)
+        # float16 and bfloat16 convert to float32 exactly; float64 keeps its range until the end.
+        wide = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+        norms = torch.linalg.vector_norm(wide, dim=1).double()
+        odd = (norms <= 2.0**-40) | (norms >= 2.0**60)
+        if bool(odd.any()):
+            rows = wide[odd]
+            peak = rows.abs().amax(dim=1, keepdim=True)
+            scaled = rows / torch.where(peak > 0, peak, torch.ones_like(peak))
+            scaled_norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)  # 0 or >= 1
+            norms[odd] = (peak.double() * scaled_norm.double())[:, 0]
+        zero = norms == 0
         if self.normalize:
-            tensor = F.normalize(tensor, dim=1)
-        return np.ascontiguousarray(tensor.numpy(), dtype=np.float32)
+            if bool(zero.any()):
+                row = int(zero.nonzero()[0, 0])
+                raise ValueError(
+                    f"{name} row {row} is all zeros: an index that normalises stores directions, "
+                    "and a zero vector has none"
+                )
+            unit = wide / norms.to(wide.dtype)[:, None]  # right for every row but the odd ones
+            if bool(odd.any()):
+                unit[odd] = scaled / scaled_norm
+            return np.ascontiguousarray(unit.float().numpy(), dtype=np.float32)
+        too_large = norms > _MAX_NORM
+        too_small = (norms < _MIN_NORM) & ~zero
+        if bool(too_large.any()) or bool(too_small.any()):
+            row = int((too_large | too_small).nonzero()[0, 0])
+            which = "overflow" if bool(too_large[row]) else "underflow"
+            raise ValueError(
+                f"{name} row {row} has norm {float(norms[row]):.3g}: float32 squared distances "
+                f"{which} for vectors of norms outside [2^-63, 2^62] (about 1.1e-19 to 4.6e18), "
+                "so the index cannot store or search them correctly; rescale the embeddings or "
+                "use an index that normalises (normalize=True)"
+            )
+        return np.ascontiguousarray(wide.float().numpy(), dtype=np.float32)
+
+    def _source_owners(self) -> dict[str, int]:
+        """``{source: id}`` of the live items that have a source."""
+        return {
+            source: int(item)
+            for source, item in zip(self._sources.tolist(), self._ids.tolist(), strict=True)
+            if source is not None
+        }
+
+    def _check_sources_are_new(self, sources: np.ndarray, ids: np.ndarray) -> None:
+        """Refuse sources stored under an id other than the one they are added with (that
+        item is being replaced)."""
+        if all(source is None for source in sources.tolist()):
+            return  # the common case of a library caller, without building the lookup
+        owner = self._source_owners()
+        clashes = [
+            (source, owner[source])
+            for source, item in zip(sources.tolist(), ids.tolist(), strict=True)
+            if source is not None and owner.get(source, item) != item
+        ]
+        if clashes:
+            shown = ", ".join(f"{source!r} (id {item})" for source, item in clashes[:3])
+            more = f", ... ({len(clashes)} in all)" if len(clashes) > 3 else ""
+            raise ValueError(
+                f"sources already in the index: {shown}{more}; remove those items first, or "
+                "add them under their stored ids with replace=True"
+            )
 
     def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions of ``ids`` in the sorted id table, and which of them are stored."""
@@ -812,15 +1008,105 @@ class EmbeddingIndex:
         return self._ids.copy(), np.ascontiguousarray(vectors)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, rename it over
-    ``path``: readers see the old file or the new one, never a partial one."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def _faiss_ids(index: Any) -> np.ndarray:
+    """The ids a flat (``IndexIDMap2``) or IVF faiss index holds, in its own order."""
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    lists = faiss.extract_index_ivf(index).invlists
+    chunks = [np.empty(0, dtype=np.int64)]
+    for cell in range(lists.nlist):
+        size = lists.list_size(cell)
+        if size:
+            chunks.append(faiss.rev_swig_ptr(lists.get_ids(cell), size).astype(np.int64))
+    return np.concatenate(chunks)
+
+
+def _file_entry(name: str, data: bytes) -> dict[str, Any]:
+    """A data file's line in the manifest: its name, size and SHA-256."""
+    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _read_checked(folder: Path, entry: dict[str, Any]) -> tuple[Path, bytes]:
+    """The bytes of the data file a manifest entry names, verified against its size and
+    checksum (``ValueError`` naming the file otherwise)."""
+    name = entry["name"]
+    if not isinstance(name, str) or not _OWNED_FILE.fullmatch(name):
+        raise ValueError(f"the manifest names {name!r}, not a file an index saves")
+    path = folder / name
     try:
-        with open(temporary, "wb") as file:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read the index's file {path}: {error}") from error
+    if len(data) != entry["bytes"]:
+        raise ValueError(
+            f"{path} has {len(data)} bytes, the manifest says {entry['bytes']}: truncated or "
+            "overwritten"
+        )
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path} does not match the manifest's checksum: corrupt or edited")
+    return path, data
+
+
+def _manifest_checksum(body: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's content (without its own checksum), in a canonical JSON form:
+    sorted keys, no spaces, ASCII only."""
+    content = {key: value for key, value in body.items() if key != "manifest_sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _write_manifest(path: Path, body: dict[str, Any]) -> None:
+    """Write a manifest with its own checksum, atomically."""
+    signed = {**body, "manifest_sha256": _manifest_checksum(body)}
+    _write_atomically(path, json.dumps(signed, indent=1).encode())
+
+
+def _previous_save(folder: Path) -> tuple[dict[str, Any] | None, set[str]]:
+    """The manifest saved in ``folder`` (without its checksum) if it is a current one that
+    verifies, and the names of the data files it owns: those it names and those a save in
+    progress claimed (``pending``). A manifest that is missing, corrupt or edited owns nothing,
+    so nothing it names is ever deleted."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None, set()
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return None, set()
+    if manifest.get("format_version") == 1:  # one data file, no checksum of the manifest
+        name = manifest.get("index_file")
+        return None, {name} if isinstance(name, str) and _OWNED_FILE.fullmatch(name) else set()
+    checksum = manifest.pop("manifest_sha256", None)
+    if manifest.get("format_version") != FORMAT_VERSION or checksum != _manifest_checksum(manifest):
+        return None, set()
+    files = manifest.get("files")
+    pending = manifest.get("pending")
+    named = [entry.get("name") for entry in files.values()] if isinstance(files, dict) else []
+    named += pending if isinstance(pending, list) else []
+    owned = {name for name in named if isinstance(name, str) and _OWNED_FILE.fullmatch(name)}
+    return manifest, owned
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (``FileExistsError`` if anything is there: it is not ours) and write
+    ``data`` to disk; a failed write removes the partial file."""
+    file = open(path, "xb")  # noqa: SIM115 - closed below, the cleanup needs the path
+    try:
+        with file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new uniquely named temporary file beside ``path``, flush it to disk,
+    rename it over ``path``: readers see the old file or the new one, never a partial one, and
+    no other file is touched."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        _write_new_file(temporary, data)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

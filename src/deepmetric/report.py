@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .index import _write_atomically  # noqa: E402
+from .io import atomic_write, atomic_write_json  # noqa: E402
 from .verification import evaluate_labelled_set, plot_verification  # noqa: E402
 
 #: The report's verification samples at most this many genuine and this many impostor pairs
@@ -251,7 +251,7 @@ def _image_tag(path: Path) -> str:
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
     """``values`` as indented JSON at ``path``, written atomically (temp file + rename)."""
-    _write_atomically(path, json.dumps(values, indent=2).encode())
+    atomic_write_json(path, values)
 
 
 @dataclass(frozen=True)
@@ -324,5 +324,5 @@ def write_html(
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
     )
     path = run_dir / "report.html"
-    _write_atomically(path, page.encode())
+    atomic_write(path, page.encode())
     return path

@@ -102,6 +102,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per option of :class:`TrainConfig` and the top-level run keys."""
     helps = _field_help(TrainConfig)
@@ -369,17 +379,67 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--dataset", required=True, metavar="SPEC", help=DATASET_HELP)
     build.add_argument("--out", required=True, metavar="DIR", help="index folder to write")
     build.add_argument(
-        "--kind", choices=("flat", "ivf", "hnsw"), default="flat", help="index type [flat]"
+        "--overwrite",
+        action="store_true",
+        help="replace the index already in --out (default: refuse, so that an enrolled index "
+        "is not lost by accident)",
     )
     build.add_argument(
-        "--nlist", type=_positive_int, default=None, help="ivf: k-means cells [~4 sqrt(N)]"
+        "--kind",
+        choices=("flat", "ivf", "hnsw"),
+        default="flat",
+        help="flat: exact search, fast enough up to about a million items; ivf, hnsw: "
+        "approximate and faster on larger collections [flat]",
     )
     build.add_argument(
-        "--nprobe", type=_positive_int, default=None, help="ivf: cells searched per query"
+        "--nlist",
+        type=_positive_int,
+        default=None,
+        help="ivf: k-means cells; needs at least that many items, ideally ~39 per cell [1024]",
+    )
+    build.add_argument(
+        "--nprobe",
+        type=_positive_int,
+        default=None,
+        help="ivf: cells searched per query (nlist: exact) [min(32, nlist)]",
     )
     build.add_argument("--m", type=_positive_int, default=None, help="hnsw: links per node [32]")
     build.add_argument(
-        "--ef-search", type=_positive_int, default=None, help="hnsw: candidates per query"
+        "--ef-search",
+        type=_positive_int,
+        default=None,
+        help="hnsw: candidates kept per query (more: slower and more exact) [64]",
+    )
+
+    remove = _command(
+        index_sub,
+        "remove",
+        "index:cmd_index_remove",
+        "remove items from an index by id, class or file",
+        "Remove items from an index in place, named by id, class or the file they were "
+        "enrolled from; every name must match an item, or nothing is removed.",
+    )
+    remove.add_argument(
+        "--index", required=True, metavar="DIR", help="index folder (updated in place)"
+    )
+    remove.add_argument(
+        "--ids", type=_non_negative_int, nargs="+", metavar="ID", help="the items' ids"
+    )
+    remove.add_argument(
+        "--class", dest="class_names", nargs="+", metavar="NAME", help="every item of these classes"
+    )
+    remove.add_argument(
+        "--source",
+        dest="sources",
+        nargs="+",
+        metavar="FILE",
+        help="the items enrolled from these image files (or SPEC#i sources)",
+    )
+    remove.add_argument(
+        "--compact",
+        action="store_true",
+        help="rebuild the index from the items left (hnsw: drops the removed nodes from the "
+        "graph; ivf: re-trains its cells)",
     )
 
     search = _command(
@@ -418,6 +478,12 @@ def _add_index_commands(sub: argparse._SubParsersAction) -> None:
         required=True,
         metavar="SPEC",
         help="e.g. folder:PATH, one sub-folder per new class",
+    )
+    enroll.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="enrol only the files not already in the index (default: refuse the whole dataset "
+        "when any of its files is already there)",
     )
 
     verify = _command(

@@ -4,6 +4,7 @@ deepmetric index build --run runs/x --dataset folder:gallery --out gallery.index
 deepmetric search --index gallery.index --run runs/x --dataset folder:queries -k 5 --json hits.json
 deepmetric search --index gallery.index --vectors queries.npy        # embeddings, no model needed
 deepmetric enroll --index gallery.index --run runs/x --dataset folder:new_people
+deepmetric index remove --index gallery.index --class alice          # or --ids 3 7, --source F
 deepmetric verify --run runs/x --dataset folder:faces --plot roc.png   # calibrate a threshold
 deepmetric verify --run runs/x --a one.png --b two.png --threshold 0.8 # same or different?
 
@@ -15,7 +16,11 @@ A *run* is the folder a ``deepmetric train``/``demo`` wrote: ``config.yaml`` and
 
 An index (:class:`~deepmetric.index.EmbeddingIndex`, a directory) records the fingerprint of
 the model that filled it; ``search`` and ``enroll`` refuse a run whose model differs, since
-distances between embeddings of two different models mean nothing.
+distances between embeddings of two different models mean nothing. It also records each item's
+source (an image's absolute path, else ``SPEC#i``, the ``i``-th sample of a dataset spec), so
+that ``enroll`` refuses to store a file twice (``--skip-existing`` enrols only the new ones) and
+``index remove --source`` finds an item by its file. ``index build`` refuses to replace an
+existing index unless given ``--overwrite``.
 
 Distances printed by ``search`` are Euclidean distances between the index's stored vectors
 (unit vectors by default, the index normalises), the same units as the thresholds ``verify``
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,19 +44,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from .. import run_folder
 from ..config import RunConfig, load_config
 from ..data import DECODE_ERRORS, decode_image, open_dataset
-from ..index import EmbeddingIndex, SearchResult, model_fingerprint
+from ..index import MANIFEST_NAME, EmbeddingIndex, SearchResult, model_fingerprint
 from ..inference import Embedded, embed_dataset
 from ..io import atomic_write_json
 from ..models import embedder_from_config
 from ..runs import build_model, dataset_kind, load_dataset
 from ..training import load_checkpoint
-from ..transforms import EvalTransform
+from ..transforms import EvalTransform, SmallImageTransform
 from ..verification import (
     VerificationResult,
     evaluate_labelled_set,
@@ -99,9 +104,13 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt") -> TrainedRun:
     return TrainedRun(config, model, info.input_shape, model_fingerprint(model), info)
 
 
-def _eval_transform(run: TrainedRun) -> EvalTransform:
-    """The run's evaluation transform for photos: its input side and normalisation."""
+def _eval_transform(run: TrainedRun) -> EvalTransform | SmallImageTransform:
+    """The run's evaluation transform: for a run on photos its input side and normalisation
+    (resize, centre crop); for one on in-memory character images the square resize its
+    training data had."""
     channels, size = run.input_shape[0], run.input_shape[-1]
+    if not run.info.extra.get("lazy"):
+        return SmallImageTransform(size)
     spec = run.info.extra.get("input_spec") or {}
     mean = tuple(spec.get("mean", (0.0,) * channels))
     std = tuple(spec.get("std", (1.0,) * channels))
@@ -144,12 +153,7 @@ def load_image(path: str | Path, run: TrainedRun) -> Tensor:
         image = decode_image(path, mode)
     except DECODE_ERRORS as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
-    if run.info.extra.get("lazy"):
-        return _eval_transform(run)(image, None)[None]
-    square = image.resize((shape[2], shape[1]), Image.Resampling.BILINEAR)
-    array = np.asarray(square, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array)
-    return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
+    return _eval_transform(run)(image, None)[None]
 
 
 def _embed(run: TrainedRun, data: Any, progress: bool = True) -> Embedded:
@@ -196,9 +200,42 @@ def euclidean_distances(index: EmbeddingIndex, scores: Tensor) -> Tensor:
     return -scores
 
 
+def _sources(spec: str, dataset: Any, rows: Sequence[int] | None = None) -> list[str]:
+    """Where each of ``rows`` of ``dataset`` (loaded from ``spec``; default: every row) came
+    from: its image file's absolute path, or ``SPEC#i`` for the ``i``-th sample of the built-in
+    data or an array file."""
+    rows = range(len(dataset)) if rows is None else rows
+    paths = getattr(dataset, "paths", None)  # lazy image datasets keep their files
+    if paths is not None:
+        return [os.path.abspath(paths[i]) for i in rows]
+    kind, _, location = spec.partition(":")
+    if kind == "arrays" and location:
+        spec = f"arrays:{os.path.abspath(location)}"
+    return [f"{spec}#{i}" for i in rows]
+
+
+def _check_ivf_can_train(nlist: int, n_items: int, what: str) -> None:
+    """An IVF index learns its ``nlist`` cells from its first items: say on the command line
+    what to do when there are too few."""
+    if n_items < nlist:
+        raise ValueError(
+            f"an IVF index with --nlist {nlist} needs at least {nlist} items to train its cells, "
+            f"and {what} has {n_items}: pass a smaller --nlist (about {max(1, n_items // 39)} "
+            "gives the ~39 items per cell faiss asks for) or use --kind flat (exact search, "
+            "fast enough up to about a million items)"
+        )
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; an index is a directory")
+    if (out / MANIFEST_NAME).exists() and not args.overwrite:
+        raise ValueError(
+            f"{out} already holds an index: pass --overwrite to replace it, add to it with "
+            f"'deepmetric enroll --index {out}', or choose another --out"
+        )
     run = load_run(args.run, args.checkpoint)
-    dataset = load_run_dataset(args.dataset, run)
     index = EmbeddingIndex(
         run.config.model.embedding_size,
         kind=args.kind,
@@ -207,13 +244,20 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         m=args.m,
         ef_search=args.ef_search,
     )
+    dataset = load_run_dataset(args.dataset, run)
+    if index.kind == "ivf":
+        _check_ivf_can_train(index.nlist, len(dataset), args.dataset)
     embedded = _embed(run, dataset)
-    index.add(embedded.embeddings, _labels(embedded))
+    index.add(
+        embedded.embeddings,
+        _labels(embedded),
+        sources=_sources(args.dataset, dataset, embedded.kept_indices.tolist()),
+    )
     index.class_names = dict(enumerate(dataset.class_names))
-    index.save(args.out)
+    index.save(out)
     print(
         f"indexed {len(index)} items of {len(dataset.class_names)} classes from "
-        f"{args.dataset} ({index.kind}, {index.embedding_size}-dimensional) -> {args.out}"
+        f"{args.dataset} ({index.kind}, {index.embedding_size}-dimensional) -> {out}"
     )
     return 0
 
@@ -259,9 +303,8 @@ def _search_report(
 
 
 def _source(index: EmbeddingIndex, item: int) -> str | None:
-    """The file an indexed item came from, when the index records sources."""
-    sources = getattr(index, "source_of", None)
-    return None if sources is None else sources(item)
+    """The file (or ``SPEC#i``) an indexed item came from, when it was recorded."""
+    return index.sources_of([item])[0]
 
 
 def _labels(embedded: Embedded) -> Tensor:
@@ -336,27 +379,114 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     run = load_run(args.run, args.checkpoint)
     _check_same_model(index, run, args.index, args.run)
     dataset = load_run_dataset(args.dataset, run)
+    sources = _sources(args.dataset, dataset)
+    stored = {source for source in index.sources if source is not None}
+    known = [i for i, source in enumerate(sources) if source in stored]
+    if known and not args.skip_existing:
+        raise ValueError(
+            f"{len(known)} of the {len(sources)} items of {args.dataset} are already in the "
+            f"index {args.index} (e.g. {sources[known[0]]}); enrolling them again would "
+            "store duplicates. Pass --skip-existing to enrol only the new ones, or remove "
+            f"the old ones first ('deepmetric index remove --index {args.index} --source "
+            "FILE ...')"
+        )
+    if known:
+        keep = sorted(set(range(len(sources))) - set(known))
+        print(f"skipping {len(known)} items already in the index")
+        if not keep:
+            print(f"nothing to enrol: the index already holds every item of {args.dataset}")
+            return 0
+        dataset = dataset.subset(keep)
+    if index.kind == "ivf" and not index.is_trained:
+        _check_ivf_can_train(index.nlist, len(dataset), f"{args.dataset} (to enrol)")
     # A class name the index already knows keeps its label; every other name gets a new one.
     label_of: dict[str, int] = {}
     for label, name in sorted(index.class_names.items()):
         label_of.setdefault(name, label)
     used = [*index.class_names, *index.labels.tolist()]
     next_label = max(used, default=-1) + 1
+    present = sorted(set(dataset.labels.tolist()))
     new_names = []
-    for name in dataset.class_names:
+    for name in (dataset.class_names[label] for label in present):
         if name not in label_of:
             label_of[name] = next_label
             new_names.append(name)
             next_label += 1
-    mapping = torch.tensor([label_of[name] for name in dataset.class_names])
+    mapping = torch.tensor([label_of.get(name, -1) for name in dataset.class_names])
     embedded = _embed(run, dataset)
-    ids = index.add(embedded.embeddings, mapping[_labels(embedded)])
+    ids = index.add(
+        embedded.embeddings,
+        mapping[_labels(embedded)],
+        sources=_sources(args.dataset, dataset, embedded.kept_indices.tolist()),
+    )
     index.class_names.update({label_of[name]: name for name in new_names})
     index.save(args.index)  # crash-safe: the manifest naming the new items is renamed in last
     print(
         f"enrolled {len(ids)} items (ids {int(ids.min())}-{int(ids.max())}): "
-        f"{len(new_names)} new classes, {len(dataset.class_names) - len(new_names)} known; "
+        f"{len(new_names)} new classes, {len(present) - len(new_names)} known; "
         f"the index now holds {len(index)} items"
+    )
+    return 0
+
+
+def _ids_to_remove(index: EmbeddingIndex, args: argparse.Namespace) -> np.ndarray:
+    """The ids named by ``--ids``, ``--class`` and ``--source`` (``ValueError`` for any that
+    names nothing in the index, before anything is removed)."""
+    chosen: list[np.ndarray] = []
+    if args.ids:
+        wanted = np.array(args.ids, dtype=np.int64)
+        missing = [int(i) for i in wanted if int(i) not in index]
+        if missing:
+            raise ValueError(f"ids not in the index {args.index}: {missing[:10]}")
+        chosen.append(wanted)
+    if args.class_names:
+        ids, labels = index.ids.numpy(), index.labels.numpy()
+        for name in args.class_names:
+            of_class = [label for label, known in index.class_names.items() if known == name]
+            members = ids[np.isin(labels, of_class)]
+            if len(members) == 0:
+                known_names = ", ".join(sorted(set(index.class_names.values()))[:20])
+                raise ValueError(
+                    f"no item of class {name!r} in the index {args.index} (its classes: "
+                    f"{known_names})"
+                )
+            chosen.append(members)
+    if args.sources:
+        stored = {source for source in index.sources if source is not None}
+        # A file is stored under its absolute path; SPEC#i sources are matched as given.
+        names = [s if s in stored else os.path.abspath(s) for s in args.sources]
+        missing = [
+            given for given, name in zip(args.sources, names, strict=True) if name not in stored
+        ]
+        if missing:
+            raise ValueError(f"no item of the index {args.index} was enrolled from {missing[:5]}")
+        chosen.append(index.ids_of_sources(names).numpy())
+    return np.unique(np.concatenate(chosen))
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    if not (args.ids or args.class_names or args.sources):
+        raise ValueError("index remove needs --ids, --class or --source: which items to remove")
+    index = _load_index(args.index)
+    doomed = _ids_to_remove(index, args)
+    index.remove(doomed)
+    if args.compact:
+        try:
+            index.compact()
+        except ValueError as error:  # an IVF index with fewer items left than cells
+            raise ValueError(
+                f"{error}: run without --compact (the cells stay as they were trained) or "
+                "rebuild the index with 'deepmetric index build' and a smaller --nlist"
+            ) from error
+    index.save(args.index)
+    tombstones = (
+        f" ({index.n_tombstones} removed items stay in the HNSW graph until --compact)"
+        if index.n_tombstones
+        else ""
+    )
+    print(
+        f"removed {len(doomed)} items from {args.index}; it now holds {len(index)} "
+        f"items{tombstones}"
     )
     return 0
 

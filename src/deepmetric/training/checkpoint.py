@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..io import atomic_torch_save
 
 CHECKPOINT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: a crash mid-save leaves
-    the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    the previous file intact (:func:`deepmetric.io.atomic_torch_save`)."""
+    atomic_torch_save(obj, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
