@@ -28,26 +28,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .data import collate_samples
+
 __all__ = ["Embedded", "collate_samples", "embed", "embed_dataset", "is_lazy_dataset"]
-
-
-def collate_samples(items: Sequence[tuple[Any, ...]]) -> tuple[Tensor, Tensor, list[int]]:
-    """A batch of dataset items -> ``(x, labels, skipped_indices)``.
-
-    Items are a lazy dataset's ``(x | None, label, index)`` triples or an ``ArrayDataset``'s
-    ``(x, label)`` pairs. Triples whose ``x`` is None (unreadable files) are dropped and their
-    indices returned in ``skipped_indices``; the others are stacked: ``x`` ``(B', ...)``,
-    ``labels`` ``(B',)`` int64. When every item was dropped, ``x`` is an empty ``(0,)`` tensor.
-
-    (The same semantics as ``deepmetric.data.collate_samples``, which replaces it once merged.)
-    """
-    kept = [item for item in items if item[0] is not None]
-    skipped = [int(item[2]) for item in items if item[0] is None]
-    if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
-    x = torch.stack([torch.as_tensor(item[0]) for item in kept])
-    labels = torch.tensor([int(item[1]) for item in kept], dtype=torch.long)
-    return x, labels, skipped
 
 
 def is_lazy_dataset(data: object) -> bool:

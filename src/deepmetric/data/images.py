@@ -149,6 +149,10 @@ class ImageDataset(Dataset[tuple[Tensor | None, int, int]]):
             them (a CSV's columns, In-Shop's partition), else None.
     """
 
+    #: The trainer hands each training sample a seed of its own (``ds[(i, seed)]``), so that
+    #: a resumed run draws the same augmentations whatever worker decodes the sample.
+    accepts_sample_seeds = True
+
     def __init__(
         self,
         paths: Sequence[str | Path],
