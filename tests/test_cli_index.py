@@ -51,7 +51,8 @@ def other_run(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same run with one weight changed: a different model fingerprint."""
     other = tmp_path_factory.mktemp("other") / "run"
     other.mkdir()
-    (other / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    for name in ("config.yaml", "run.json"):
+        (other / name).write_text((run_dir / name).read_text())
     state = load_checkpoint(run_dir / "best.pt")
     first = next(iter(state["model"]))
     state["model"][first] = state["model"][first] + 0.01
@@ -91,20 +92,21 @@ def test_search_finds_each_indexed_item_itself(
     args = ["search", "--index", index_dir, "--run", run_dir, "--dataset", "digits", "-k", 3]
     assert run_cli([*args, "--json", out]) == 0
     report = json.loads(out.read_text())
-    assert report["k"] == 3 and report["metric"] == "inner_product"
+    assert report["k"] == 3 and report["distance"] == "euclidean"
     queries = report["queries"]
     assert len(queries) == 1797
     labels = load_digits().labels.tolist()
     self_first = 0
     for i, entry in enumerate(queries):
-        assert entry["label"] == labels[i] and entry["class_name"] == str(labels[i])
+        # class names, not labels: a query folder numbers its classes by itself
+        assert "label" not in entry and entry["class_name"] == str(labels[i])
         hits = entry["neighbours"]
         assert len(hits) == 3
         distances = [h["distance"] for h in hits]
         assert distances == sorted(distances)
         own = [h for h in hits if h["id"] == i]
         assert len(own) == 1 and own[0]["distance"] < 1e-3  # itself, at distance ~0
-        assert own[0]["label"] == labels[i] and own[0]["class_name"] == str(labels[i])
+        assert own[0]["class_name"] == str(labels[i]) and own[0]["file"] == f"digits#{i}"
         self_first += hits[0]["id"] == i
     assert self_first >= 0.99 * len(queries)
 
@@ -278,7 +280,7 @@ def test_fingerprint_mismatch_is_refused(
          "need --threshold"),
         (["verify", "--run", "{run}"], "needs --dataset"),
         (["verify", "--run", "{run}", "--dataset", "digits", "--target-fpr", "2"],
-         "target_fprs must be in (0, 1]"),
+         "--target-fpr must be in (0, 1]"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2_with_a_message(

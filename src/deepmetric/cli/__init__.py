@@ -169,6 +169,22 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         help="also score the mean embedding of each test image and N distorted copies [0]",
     )
     run.add_argument(
+        "--trunk",
+        default=None,
+        metavar="NAME",
+        help="the network under the embedding head: small_cnn (trained from scratch), "
+        "efficientnet_lite0 (ImageNet weights, the efficientnet extra), hf:FOLDER (a local "
+        "Hugging Face vision model: DINOv2, ViT, CLIP, ConvNeXt, ResNet), torchvision:NAME, "
+        "timm:NAME, or package.module:factory [small_cnn]",
+    )
+    run.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="trunk weights from a local .pth or .safetensors file (key prefixes: --set "
+        "model.key_map='{module.: \"\"}') [the trunk's own]",
+    )
+    run.add_argument(
         "--embedding-size", type=int, default=None, metavar="D", help="embedding width [128]"
     )
     run.add_argument(

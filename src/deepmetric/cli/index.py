@@ -248,6 +248,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     if index.kind == "ivf":
         _check_ivf_can_train(index.nlist, len(dataset), args.dataset)
     embedded = _embed(run, dataset)
+    index.fingerprint = run.fingerprint  # search and enroll refuse any other model
     index.add(
         embedded.embeddings,
         _labels(embedded),
@@ -553,6 +554,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "--a/--b need --threshold T (the best-accuracy threshold 'deepmetric verify "
             "--dataset' prints) or --dataset SPEC to calibrate one"
         )
+    if not 0 < args.target_fpr <= 1:
+        raise ValueError(f"--target-fpr must be in (0, 1], got {args.target_fpr}")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise ValueError(f"--threshold must be a finite number, got {args.threshold}")
     run = load_run(args.run, args.checkpoint)

@@ -88,6 +88,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         values["augment"] = yaml.safe_load(args.augment)
     if args.embedding_size is not None:
         values["model"]["embedding_size"] = args.embedding_size
+    if args.trunk is not None:
+        values["model"]["trunk"] = args.trunk
+    if args.weights is not None:
+        values["model"]["weights"] = args.weights
     if args.loss is not None:
         values["loss"] = {"name": args.loss}
     if args.miner is not None:
