@@ -159,7 +159,7 @@ def test_loss_parameters_are_optimised() -> None:
 
 
 def test_config_errors_name_the_problem() -> None:
-    with pytest.raises(ValueError, match="unknown training option"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in .train.: epochz"):
         TrainConfig.from_dict({"epochz": 3})
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
