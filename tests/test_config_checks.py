@@ -114,3 +114,12 @@ def test_check_kwargs_against_a_signature() -> None:
         check_kwargs(_loss, {"margin": "abc"}, "loss")
     with pytest.raises(ValueError, match=r"'loss' has no option 'margn' \(accepted: margin, swap"):
         check_kwargs(_loss, {"margn": 0.2}, "loss")
+
+
+def test_yaml_reads_exponents_as_numbers_and_quoted_text_as_text() -> None:
+    from deepmetric.config import parse_yaml
+
+    values = parse_yaml("lr: 1e-4\nquoted: '1e-4'\nplain: 1.5e3\nwhole: 3\nname: e5")
+    assert values == {"lr": 1e-4, "quoted": "1e-4", "plain": 1500.0, "whole": 3, "name": "e5"}
+    with pytest.raises(ValueError, match="not valid YAML"):
+        parse_yaml("a: [1, 2")

@@ -34,6 +34,7 @@ A config file names every part; any key left out takes its default::
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "load_config",
+    "parse_yaml",
     "save_config",
 ]
 
@@ -379,15 +381,35 @@ class RunConfig:
         return config
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``1e-4`` is a number (PyYAML follows
+    YAML 1.1, where an exponent needs a dot, and would read a learning rate as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> plain values (``ValueError`` for malformed YAML); never runs code."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ValueError(f"not valid YAML: {error}") from error
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML run config (``ValueError`` if missing or malformed)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from error
+        values = parse_yaml(path.read_text()) or {}
+    except ValueError as error:
+        raise ValueError(f"{path} is {error}") from error
     return RunConfig.from_dict(values)
 
 

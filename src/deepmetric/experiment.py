@@ -244,7 +244,7 @@ def run_experiment(config: RunConfig, progress: bool = True, mode: str = "auto")
             run_folder.RunInfo(
                 input_shape=data.input_shape,
                 class_names={
-                    "train": list(data.train.class_names),
+                    "train": _present_classes(data.train),
                     "val": [] if data.val is None else _present_classes(data.val),
                     "test": _present_classes(data.test),
                 },

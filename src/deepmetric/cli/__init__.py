@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
-from ..config import PROJECTIONS, TrainConfig
+from ..config import PROJECTIONS, TrainConfig, parse_yaml
 
 __all__ = ["build_parser", "main"]
 
@@ -84,12 +84,10 @@ def _parse_bool(text: str) -> bool:
 def _yaml_value(text: str) -> Any:
     """A flag's text as YAML reads it (``0.1`` a number, ``null`` None); the config checks
     its type afterwards, naming the key."""
-    import yaml
-
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise argparse.ArgumentTypeError(f"not a YAML value: {text!r} ({error})") from error
+        return parse_yaml(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is {error}") from error
 
 
 def _positive_int(text: str) -> int:

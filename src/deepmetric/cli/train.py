@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from .._launch import launcher_rank
-from ..config import RunConfig, TrainConfig, load_config
+from ..config import RunConfig, TrainConfig, load_config, parse_yaml
 from ..experiment import (
     METRIC_NAMES,
     demo_config,
@@ -85,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if value is not None:
             values[key] = value
     if args.augment is not None:  # YAML text: 'null' turns augmentation off
-        values["augment"] = yaml.safe_load(args.augment)
+        values["augment"] = parse_yaml(args.augment)
     if args.embedding_size is not None:
         values["model"]["embedding_size"] = args.embedding_size
     if args.trunk is not None:
@@ -106,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             if not isinstance(target.get(part), dict):
                 raise ValueError(f"--set {key}: '{part}' is not a mapping in the config")
             target = target[part]
-        target[parts[-1]] = yaml.safe_load(raw)
+        target[parts[-1]] = parse_yaml(raw)
     return RunConfig.from_dict(values)
 
 
