@@ -123,3 +123,17 @@ def test_yaml_reads_exponents_as_numbers_and_quoted_text_as_text() -> None:
     assert values == {"lr": 1e-4, "quoted": "1e-4", "plain": 1500.0, "whole": 3, "name": "e5"}
     with pytest.raises(ValueError, match="not valid YAML"):
         parse_yaml("a: [1, 2")
+
+
+def test_optional_packages_asked_for_are_checked_before_a_run() -> None:
+    import importlib.util
+
+    from deepmetric.config import RunConfig
+
+    config = RunConfig.from_dict({"train": {"tensorboard": True}})
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match="tensorboard package is not installed"):
+            config.check_optional_packages()
+    else:
+        config.check_optional_packages()
+    RunConfig().check_optional_packages()  # the defaults need no optional package

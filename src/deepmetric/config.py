@@ -365,6 +365,12 @@ class RunConfig:
         """``ValueError`` if the run asks for an optional package that is not installed
         (``projection: umap`` needs umap-learn). Called when a run starts, before training,
         and not when a config is loaded: a finished run's folder stays usable without it."""
+        if self.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(
+                "config key 'train.tensorboard' is true but the tensorboard package is not "
+                "installed: pip install tensorboard, or set tensorboard: false (metrics.jsonl "
+                "and the report hold the same curves)"
+            )
         if self.projection == "umap" and importlib.util.find_spec("umap") is None:
             raise ValueError(
                 "config key 'projection' is 'umap' but the umap-learn package is not "
