@@ -137,3 +137,44 @@ def test_optional_packages_asked_for_are_checked_before_a_run() -> None:
     else:
         config.check_optional_packages()
     RunConfig().check_optional_packages()  # the defaults need no optional package
+
+
+def _config_keys() -> list[str]:
+    import dataclasses
+
+    from deepmetric.config import ModelConfig, RunConfig, TrainConfig
+
+    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in ("model", "train")]
+    keys += [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)]
+    keys += [f"train.{f.name}" for f in dataclasses.fields(TrainConfig)]
+    return keys + ["no_such_key", "train.no_such_key"]
+
+
+@given(assignments=st.dictionaries(st.sampled_from(_config_keys()), yaml_values, max_size=3))
+def test_any_config_is_built_or_refused_with_a_value_error_naming_a_key(
+    assignments: dict[str, Any],
+) -> None:
+    """Whatever keys and values a YAML file holds, the config is either built, with every value
+    of its declared type, or refused with a ValueError (never a TypeError or a crash later)."""
+    from deepmetric.config import RunConfig
+
+    values: dict[str, Any] = {}
+    for key, value in assignments.items():
+        section, _, name = key.rpartition(".")
+        (values.setdefault(section, {}) if section else values)[name] = value
+    try:
+        config = RunConfig.from_dict(values)
+    except ValueError as error:
+        assert any(key.rpartition(".")[2] in str(error) for key in assignments) or (
+            "needs" in str(error) or "must" in str(error)
+        )
+        return
+    for key, value in assignments.items():
+        if key == "train.amp":  # true/false of older configs become auto/none
+            continue
+        section, _, name = key.rpartition(".")
+        got = getattr(getattr(config, section) if section else config, name)
+        if isinstance(value, bool) or value is None:
+            assert got is value or got == value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            assert got == value
