@@ -102,7 +102,8 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms(True, warn_only=True)`` for the
             process, so that the same seed gives the same weights (multi-threaded CPU
             ``index_add`` and several CUDA kernels otherwise sum in a varying order); switch off
-            for the last few percent of speed.
+            for the last few percent of speed. (Its filling of new tensors with NaN, a
+            debugging aid, is switched off: ``torch.utils.deterministic``.)
         tensorboard: also write the per-epoch metrics to ``run_dir/tensorboard``; needs the
             ``tensorboard`` package (a warning says so when it is missing).
         num_workers: ``DataLoader`` worker processes that read (and, for image datasets,

@@ -41,6 +41,7 @@ from ..samplers import PKSampler
 from .checkpoint import CHECKPOINT_VERSION, atomic_save, load_checkpoint, open_summary_writer
 from .config import TrainConfig
 from .loading import train_loader
+from .plugins import HDMLStep, StepPlugin
 from .steps import autocast_dtype, cached_gradient_step, freeze_batchnorm
 
 RETRIEVAL_METRICS = (
@@ -88,25 +89,6 @@ class TrainingInterrupted(Exception):
         super().__init__(f"training interrupted by {name}{where}")
         self.signal_number = signal_number
         self.checkpoint = checkpoint
-
-
-def _hdml_model_parts(
-    model: nn.Module, loss: nn.Module, hdml: HDML
-) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
-    """``(model.features, model.embed_features)`` after checking that HDML fits the model and
-    the loss; ``ValueError`` otherwise."""
-    if not isinstance(hdml, HDML):
-        raise ValueError(f"hdml must be a deepmetric.hdml.HDML, got {type(hdml).__name__}")
-    features = getattr(model, "features", None)
-    embed_features = getattr(model, "embed_features", None)
-    if not callable(features) or not callable(embed_features):
-        raise ValueError(
-            "HDML needs a model with features(x) -> trunk features and embed_features(f) -> "
-            f"embeddings (like deepmetric.models.EmbeddingNet); {type(model).__name__} has not"
-        )
-    if hdml.metric_loss is not loss:
-        raise ValueError("hdml.metric_loss must be the trainer's loss (build HDML on the loss)")
-    return features, embed_features
 
 
 def _lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -158,16 +140,19 @@ class Trainer:
         run_dir: folder for ``last.pt``, ``best.pt``, ``metrics.jsonl`` and ``tensorboard/``
             (None: nothing written).
         hdml: optional :class:`~deepmetric.hdml.HDML` built on this ``loss`` (its
-            ``metric_loss``) and on ``model.embed_features`` (its ``head``). Each step then
-            runs ``features = model.features(x)``, ``embeddings = model.embed_features(features)``,
-            the miner on the embeddings, and ``hdml.step_losses(...)``; one ``backward`` of the
-            three HDML losses trains the model and the loss (``J_metric``), HDML's generator
-            (``J_gen``) and its classifier (cross-entropy), each in its own optimizer group at
-            the learning rates of :meth:`HDML.parameter_groups` (generator 1e-2, classifier
-            1e-3, both scaled by the same schedule; ``grad_clip`` applies to the model and loss
-            only). HDML's weights, running means and optimizer state are in the checkpoint.
-            The epoch's ``train_loss`` is the metric loss on the real batch (``J_m``), so it
-            compares with a run without HDML; the record also holds the HDML losses' means.
+            ``metric_loss``) and on ``model.embed_features`` (its ``head``): the shorthand of
+            ``plugin=HDMLStep(hdml, model, loss)`` (:class:`~deepmetric.training.plugins.HDMLStep`).
+            One ``backward`` of the three HDML losses trains the model and the loss
+            (``J_metric``), HDML's generator (``J_gen``) and its classifier (cross-entropy), each
+            in its own optimizer group at the learning rates of :meth:`HDML.parameter_groups`
+            (generator 1e-2, classifier 1e-3, both scaled by the same schedule; ``grad_clip``
+            applies to the model and loss only). HDML's weights, running means and optimizer
+            state are in the checkpoint. The epoch's ``train_loss`` is the metric loss on the
+            real batch (``J_m``), so it compares with a run without HDML; the record also holds
+            the HDML losses' means.
+        plugin: optional :class:`~deepmetric.training.plugins.StepPlugin` that computes the
+            step's losses instead of ``loss(model(x), labels, miner(...))`` and brings its own
+            trainable modules (single-process, ``accumulate: 1``).
 
     Under ``torch.distributed`` with more than one process (see the module docstring), build it
     in every process with the same arguments: ``model``, ``loss`` and ``miner`` stay the plain
@@ -187,6 +172,7 @@ class Trainer:
         augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         run_dir: str | Path | None = None,
         hdml: HDML | None = None,
+        plugin: StepPlugin | None = None,
     ) -> None:
         self.config = config or TrainConfig()
         self.rank, self.world_size = process_rank(), world_size()
@@ -196,19 +182,27 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         if isinstance(model, DistributedDataParallel):
             raise ValueError("pass the plain model: the Trainer wraps it in DDP itself")
-        if self.distributed and hdml is not None:
-            raise ValueError("HDML is not supported in distributed training; use one process")
-        if hdml is not None and self.config.accumulate > 1:
-            raise ValueError("accumulate > 1 is not supported with HDML; use accumulate: 1")
+        if hdml is not None:
+            if plugin is not None:
+                raise ValueError("pass hdml or plugin, not both (hdml is HDMLStep's shorthand)")
+            plugin = HDMLStep(hdml, model, loss)
+        if plugin is not None and not isinstance(plugin, StepPlugin):
+            raise ValueError(f"plugin must follow StepPlugin, got {type(plugin).__name__}")
+        name = plugin.name if plugin is not None else ""
+        if self.distributed and plugin is not None:
+            raise ValueError(f"{name} is not supported in distributed training; use one process")
+        if plugin is not None and self.config.accumulate > 1:
+            raise ValueError(f"accumulate > 1 is not supported with {name}; use accumulate: 1")
         self._amp_dtype = autocast_dtype(self.config, self.device)
         # float16 needs its loss scaled so that small gradients do not underflow
         use_scaler = self._amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
-        # with HDML: (hdml, model.features, model.embed_features)
-        self._hdml_parts: tuple[HDML, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None
-        self._hdml_parts = None if hdml is None else (hdml, *_hdml_model_parts(model, loss, hdml))
         if self.config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # the deterministic mode also fills each new tensor (torch.empty) with NaN to expose
+            # reads of uninitialised memory: a debugging aid that the kernels' determinism does
+            # not need, and that cost 10% of a small CNN's step on the CPU
+            torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
         torch.manual_seed(self.config.seed)
         if self.distributed:  # BatchNorm over the global batch (a no-op for other layers)
             model = convert_sync_batchnorm(model, self.device)
@@ -216,7 +210,10 @@ class Trainer:
         if self.config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.loss = loss.to(self.device)
-        self.hdml = hdml.to(self.device) if hdml is not None else None
+        self.plugin = plugin
+        if plugin is not None:
+            plugin.module.to(self.device)
+        self.hdml = hdml  # None, or the module of the HDML plug-in
         self.writer: Any | None = None  # TensorBoard, opened on the first log
         self.miner = miner
         self.augment = augment
@@ -252,7 +249,7 @@ class Trainer:
         self.best_score = -math.inf
         self.evals_without_improvement = 0
         self.history: list[dict[str, float]] = []
-        self.last_hdml_losses: dict[str, float] = {}
+        self.last_step_values: dict[str, float] = {}  # the plug-in's values of the last step
         self._skipped_seen: set[int] = set()  # dataset indices of unreadable training files
         self._reset_epoch_sums()
         self._stop_signal: int | None = None
@@ -269,7 +266,7 @@ class Trainer:
         self._loss_sum = torch.tensor(
             float(saved.get("loss", 0.0)), dtype=torch.float64, device=self.device
         )
-        self._hdml_sums: dict[str, float] = dict(saved.get("hdml", {}))
+        self._logged_sums: dict[str, float] = dict(saved.get("logged", saved.get("hdml", {})))
         self._epoch_skipped = int(saved.get("skipped", 0))
         self._epoch_seconds = float(saved.get("seconds", 0.0))
         self._epoch_started: float | None = None
@@ -282,7 +279,7 @@ class Trainer:
             "batches": self._epoch_batches,
             "steps": self._loss_steps,
             "loss": float(self._loss_sum),
-            "hdml": dict(self._hdml_sums),
+            "logged": dict(self._logged_sums),
             "skipped": self._epoch_skipped,
             "seconds": seconds,
         }
@@ -312,8 +309,8 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the model (``lr``, ``weight_decay``; the trunk in its own ``backbone``
         group when ``backbone_lr`` or ``freeze_backbone_epochs`` is set), the loss's own
-        parameters (``loss_lr``, no decay) and, with HDML, its generator and classifier (HDML's
-        rates)."""
+        parameters (``loss_lr``, no decay) and a plug-in's own groups (HDML: its generator and
+        classifier at HDML's rates)."""
         config = self.config
         options = {
             "backbone_lr": config.backbone_lr is not None,
@@ -338,8 +335,8 @@ class Trainer:
             lr = config.backbone_lr if config.backbone_lr is not None else config.lr
             groups.append({"params": self._backbone, "lr": lr, "name": "backbone"})
         loss_modules = [self.loss]
-        if self.hdml is not None:
-            loss_modules.append(self.hdml.synthetic_loss)  # usually the loss itself
+        if self.plugin is not None:
+            loss_modules += self.plugin.loss_modules()
         seen: set[int] = set()
         loss_params = []
         for module in loss_modules:
@@ -351,18 +348,21 @@ class Trainer:
             groups.append(
                 {"params": loss_params, "lr": config.loss_lr, "weight_decay": 0.0, "name": "loss"}
             )
-        if self.hdml is not None:
-            # HDML's own groups: [metric (the model and loss, set up above), generator, classifier]
-            hdml_groups = self.hdml.parameter_groups(self.model, metric_lr=config.lr)
-            groups += [{**g, "weight_decay": 0.0} for g in hdml_groups[1:]]
+        if self.plugin is not None:
+            groups += self.plugin.parameter_groups(self.model, config.lr)
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
     def _clipped_parameters(self) -> list[nn.Parameter]:
-        """The model's and the loss's parameters (not HDML's generator and classifier, whose
-        losses are on another scale)."""
+        """The model's and the loss's parameters (not a plug-in's, such as HDML's generator and
+        classifier, whose losses are on another scale)."""
         names = ("model", "backbone", "loss")
         groups = [g for g in self.optimizer.param_groups if g.get("name") in names]
         return [p for g in groups for p in g["params"]]
+
+    @property
+    def last_hdml_losses(self) -> dict[str, float]:
+        """The HDML losses of the last step (:attr:`last_step_values`, kept for older code)."""
+        return self.last_step_values
 
     @property
     def skipped_files(self) -> list[str]:
@@ -398,22 +398,27 @@ class Trainer:
             "best_score": self.best_score,
             "evals_without_improvement": self.evals_without_improvement,
             "history": self.history,
-            "hdml": self.hdml.state_dict() if self.hdml is not None else None,
+            "hdml": None,  # older readers look here: None = trained without HDML
+            **({self.plugin.name: self.plugin.module.state_dict()} if self.plugin else {}),
             "epoch_sums": self._epoch_sums(),
             "skipped_indices": sorted(self._skipped_seen),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        hdml_state = state.get("hdml")
-        if (hdml_state is None) != (self.hdml is None):
-            saved = "with" if hdml_state is not None else "without"
-            now = "with" if self.hdml is not None else "without"
-            raise ValueError(f"the checkpoint was trained {saved} HDML but this trainer is {now}")
+        name = self.plugin.name if self.plugin is not None else "hdml"
+        plugin_state = state.get(name)
+        if (plugin_state is None) != (self.plugin is None):
+            saved = "with" if plugin_state is not None else "without"
+            now = "with" if self.plugin is not None else "without"
+            label = "HDML" if name == "hdml" else name
+            raise ValueError(
+                f"the checkpoint was trained {saved} {label} but this trainer is {now}"
+            )
         self.model.load_state_dict(state["model"])
         self.loss.load_state_dict(state["loss"])
-        if self.hdml is not None and hdml_state is not None:
-            self.hdml.load_state_dict(hdml_state)
+        if self.plugin is not None and plugin_state is not None:
+            self.plugin.module.load_state_dict(plugin_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
@@ -464,8 +469,9 @@ class Trainer:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
     def train_step(self, x: Tensor, labels: Tensor) -> float:
-        """One optimisation step on a batch; returns the loss (with HDML: ``J_m``, the metric
-        loss on the real batch; the step's HDML losses are left in ``last_hdml_losses``)."""
+        """One optimisation step on a batch; returns the loss (with a plug-in, its reported loss:
+        HDML's ``J_m``, the metric loss on the real batch; its other values are left in
+        ``last_step_values``)."""
         return float(self._train_step(x, labels))
 
     def _train_step(self, x: Tensor, labels: Tensor) -> Tensor:
@@ -478,8 +484,12 @@ class Trainer:
         if self.config.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        if self._hdml_parts is not None:
-            reported = self._hdml_backward(x, labels)
+        if self.plugin is not None:
+            with self._autocast():
+                out = self.plugin.losses(self.model, x, labels, self.miner)
+            self.last_step_values = out.logged
+            self._scaled(out.loss).backward()
+            reported = out.reported
         elif self.config.accumulate > 1:
             reported = cached_gradient_step(
                 self._step_model,
@@ -511,26 +521,6 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return reported
-
-    def _hdml_backward(self, x: Tensor, labels: Tensor) -> Tensor:
-        """HDML's three losses on the batch and their backward; returns ``J_m``."""
-        assert self._hdml_parts is not None
-        hdml, trunk_features, embed_features = self._hdml_parts
-        with self._autocast():
-            features = trunk_features(x)
-            embeddings = embed_features(features)
-            indices = self.miner(embeddings, labels) if self.miner is not None else None
-            parts = hdml.step_losses(features, embeddings, labels, indices)
-            loss = parts.total()  # the gradients of the three parts do not cross
-        self.last_hdml_losses = {
-            "hdml_metric_loss": float(parts.metric_loss.detach()),
-            "hdml_synthetic_loss": float(parts.j_syn),
-            "hdml_generator_loss": float(parts.generator_loss.detach()),
-            "hdml_classifier_loss": float(parts.classifier_loss.detach()),
-            "hdml_synthetic_weight": float(parts.synthetic_weight),
-        }
-        self._scaled(loss).backward()
-        return parts.j_m.detach()
 
     def _augmented(self, x: Tensor) -> Tensor:
         """``augment(x, generator)``; with several processes, of the global batch (the shares
@@ -683,8 +673,8 @@ class Trainer:
         during the first ``freeze_backbone_epochs``, and the sampler at the epoch's first
         batch not yet consumed."""
         self._step_model.train()
-        if self.hdml is not None:
-            self.hdml.train()
+        if self.plugin is not None:
+            self.plugin.module.train()
         trunk = _trunk(self.model)
         if self.config.freeze_bn and trunk is not None:
             freeze_batchnorm(trunk)
@@ -732,8 +722,8 @@ class Trainer:
                 if len(x):  # a batch whose every file was unreadable makes no step
                     self._loss_sum += self._train_step(x, labels).double()
                     self._loss_steps += 1
-                    for key, value in self.last_hdml_losses.items():
-                        self._hdml_sums[key] = self._hdml_sums.get(key, 0.0) + value
+                    for key, value in self.last_step_values.items():
+                        self._logged_sums[key] = self._logged_sums.get(key, 0.0) + value
                 self._epoch_batches += 1
                 bar.update()
                 if show and time.perf_counter() - shown > 1.0:  # reading the loss waits for the GPU
@@ -774,7 +764,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": sums["seconds"],
         }
-        record.update({k: v / steps for k, v in sums["hdml"].items()})
+        record.update({k: v / steps for k, v in sums["logged"].items()})
         if is_lazy_dataset(self.train_set):
             record["skipped_files"] = sums["skipped"]
         if self.val_set is not None and (

@@ -1,0 +1,219 @@
+"""Training throughput (images per second) of deepmetric's ``Trainer`` against a plain PyTorch
+loop over the same model, data, ``DataLoader`` settings, PML loss and miner.
+
+Both sides train in this one process, interleaved round by round in the order A B B A (so a
+drift of the machine's load falls on both), each round one epoch of P×K batches from
+:class:`deepmetric.samplers.PKSampler` (the batches of both sides are the same):
+
+* **deepmetric**: ``Trainer.fit(max_steps=...)`` one epoch further each round, as configured by
+  default except ``progress: false`` (the plain loop shows no bar) and no ``run_dir`` (the time
+  of writing ``last.pt`` once an epoch is printed apart);
+* **plain**: ``for x, y in DataLoader(...): loss = loss_fn(model(x), y, miner(...));
+  loss.backward(); optimizer.step()``, with AdamW, ``zero_grad(set_to_none=True)``, and
+  ``torch.use_deterministic_algorithms`` off (the trainer switches it on by default, for exact
+  resume; it is set as each side would set it when timed).
+
+Cases: ``small``: :class:`~deepmetric.models.SmallConvNet` (64 channels, 4 blocks) at 28×28
+grey on Omniglot (shipped with the package), P×K = 32×4; ``resnet18``: a ResNet-18-shaped
+trunk (written below: torchvision does not import beside this torch) at 112×112 RGB on random
+images, P×K = 8×4 (the CPU would take minutes per epoch at 32×4).
+
+Run: ``python benchmarks/training_throughput.py [--cases small resnet18] [--rounds 7]``. Prints
+a table and writes ``benchmarks/results/training_throughput.json``. Numbers on a machine shared
+with other jobs are indicative: the spread (min-max of the rounds) says how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import format_table, machine_info, write_json
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import miners as pml_miners
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from deepmetric import data, models
+from deepmetric.samplers import PKSampler
+from deepmetric.training import TrainConfig, Trainer
+
+RESULTS = Path(__file__).parent / "results" / "training_throughput.json"
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block (He et al., 2016): two 3×3 convolutions with BatchNorm, and a
+    projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18_trunk() -> nn.Module:
+    """ResNet-18's layout (11.2 M parameters): stem, 4 stages of 2 basic blocks (64-512
+    channels), global average pooling -> ``(N, 512)``."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def case_setup(name: str) -> tuple[Callable[[], nn.Module], data.ArrayDataset, int, int]:
+    """``(model factory, dataset, p, k)`` of a case."""
+    if name == "small":
+        omniglot = data.load_omniglot(28)
+        keep = torch.where(omniglot.labels < 64)[0]  # 64 classes x 20: 10 batches an epoch
+
+        def small() -> nn.Module:
+            return models.EmbeddingNet(models.SmallConvNet(1, 64, 4), 64, embedding_size=128)
+
+        return small, omniglot.subset(keep), 32, 4
+    if name == "resnet18":
+        generator = torch.Generator().manual_seed(0)
+        x = torch.rand(96, 3, 112, 112, generator=generator)  # 3 batches of 8 x 4
+        labels = torch.arange(24).repeat_interleave(4)
+
+        def resnet() -> nn.Module:
+            return models.EmbeddingNet(resnet18_trunk(), 512, embedding_size=128)
+
+        return resnet, data.ArrayDataset(x, labels), 8, 4
+    raise ValueError(f"unknown case {name!r}")
+
+
+def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
+    factory, dataset, p, k = case_setup(name)
+    torch.manual_seed(0)
+    config = TrainConfig(epochs=rounds + 1, p=p, k=k, progress=False, num_workers=workers)
+    trainer = Trainer(
+        factory(),
+        pml_losses.TripletMarginLoss(margin=0.1),
+        dataset,
+        config,
+        miner=pml_miners.MultiSimilarityMiner(),
+    )
+    steps = len(trainer.sampler)
+
+    torch.manual_seed(0)
+    model = factory()
+    loss_fn = pml_losses.TripletMarginLoss(margin=0.1)
+    miner = pml_miners.MultiSimilarityMiner()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=PKSampler(dataset.labels, p, k, seed=0),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
+
+    def plain_epoch() -> None:
+        model.train()
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            embeddings = model(x)
+            loss_fn(embeddings, y, miner(embeddings, y)).backward()
+            optimizer.step()
+
+    def trainer_epoch() -> None:
+        trainer.fit(max_steps=trainer.step + steps)
+
+    def timed(side: str) -> float:
+        torch.use_deterministic_algorithms(side == "deepmetric", warn_only=True)
+        start = time.perf_counter()
+        (trainer_epoch if side == "deepmetric" else plain_epoch)()
+        return time.perf_counter() - start
+
+    timed("deepmetric"), timed("plain")  # warm-up: allocator, workers, first kernels
+    seconds: dict[str, list[float]] = {"deepmetric": [], "plain": []}
+    for r in range(rounds):
+        order = ("deepmetric", "plain") if r % 2 == 0 else ("plain", "deepmetric")
+        for side in order:
+            seconds[side].append(timed(side))
+    with tempfile.TemporaryDirectory() as folder:
+        trainer.run_dir = Path(folder)
+        start = time.perf_counter()
+        trainer.save("last.pt")
+        save_seconds = time.perf_counter() - start
+        checkpoint_mb = (Path(folder) / "last.pt").stat().st_size / 2**20
+    images = steps * p * k
+    result: dict[str, Any] = {
+        "case": name,
+        "p": p,
+        "k": k,
+        "steps_per_epoch": steps,
+        "num_workers": workers,
+        "rounds": rounds,
+        "checkpoint_seconds": save_seconds,
+        "checkpoint_mb": checkpoint_mb,
+    }
+    for side, values in seconds.items():
+        rates = sorted(images / s for s in values)
+        result[side] = {
+            "epoch_seconds": values,
+            "images_per_second_median": statistics.median(rates),
+            "images_per_second_min": rates[0],
+            "images_per_second_max": rates[-1],
+        }
+    ratios = sorted(p_ / d for d, p_ in zip(seconds["deepmetric"], seconds["plain"], strict=True))
+    result["ratio_median"] = statistics.median(ratios)  # deepmetric's rate / plain's, per round
+    result["ratio_min"], result["ratio_max"] = ratios[0], ratios[-1]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["small", "resnet18"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (both sides)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = [measure(name, args.rounds, args.workers) for name in args.cases]
+    rows = [
+        [
+            r["case"],
+            f"{r['p']}x{r['k']}",
+            f"{r['deepmetric']['images_per_second_median']:.0f} "
+            f"({r['deepmetric']['images_per_second_min']:.0f}-"
+            f"{r['deepmetric']['images_per_second_max']:.0f})",
+            f"{r['plain']['images_per_second_median']:.0f} "
+            f"({r['plain']['images_per_second_min']:.0f}-"
+            f"{r['plain']['images_per_second_max']:.0f})",
+            f"{r['ratio_median']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
+            f"{r['checkpoint_seconds'] * 1e3:.0f} ms / {r['checkpoint_mb']:.1f} MB",
+        ]
+        for r in results
+    ]
+    headers = ["case", "PxK", "deepmetric img/s", "plain img/s", "ratio", "last.pt"]
+    print(format_table(headers, rows))
+    write_json(RESULTS, {"machine": machine_info(args.threads, "cpu"), "results": results})
+
+
+if __name__ == "__main__":
+    main()
