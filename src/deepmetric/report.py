@@ -52,17 +52,30 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+#: How the report names the retrieval metrics of ``metrics.jsonl`` (the names of the result
+#: table and of ``deepmetric evaluate``).
+METRIC_LABELS = {
+    "precision_at_1": "Recall@1",
+    "recall_at_2": "Recall@2",
+    "recall_at_4": "Recall@4",
+    "recall_at_8": "Recall@8",
+    "r_precision": "R-precision",
+    "mean_average_precision_at_r": "MAP@R",
+}
+
+
 def plot_curves(records: Sequence[dict[str, float]], path: Path) -> Path:
     """Training loss and every ``val_*`` metric against the epoch."""
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
     epochs = [r["epoch"] for r in records]
     ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel="training loss (mean of the epoch)", title="Loss")
     val_keys = sorted({k for r in records for k in r if k.startswith("val_")})
     for key in val_keys:
         points = [(r["epoch"], r[key]) for r in records if key in r]
-        ax_val.plot(*zip(*points, strict=True), marker="o", label=key[4:])
-    ax_val.set(xlabel="epoch", ylabel="score", title="Validation (unseen classes)")
+        name = key[4:]
+        ax_val.plot(*zip(*points, strict=True), marker="o", label=METRIC_LABELS.get(name, name))
+    ax_val.set(xlabel="epoch", ylabel="score", title="Validation (classes not trained on)")
     if val_keys:
         ax_val.legend(fontsize=7)
     fig.tight_layout()
@@ -103,6 +116,11 @@ def plot_embedding_map(
         xy = project_2d(np.asarray(emb)[keep], method)
         ax.scatter(xy[:, 0], xy[:, 1], c=labels_np[keep], cmap="tab20", s=9)
         ax.set(title=f"{title} ({len(shown)} classes, {method.upper()})", xticks=[], yticks=[])
+    fig.suptitle(
+        "The embeddings in two dimensions: one colour per class; a good embedding gathers "
+        "each colour apart from the others",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -143,6 +161,12 @@ def plot_neighbours(
         for col, index in enumerate(neighbour_indices[row].tolist(), start=1):
             right = bool(gallery_labels[index] == query_labels[row])
             show(axes[row, col], gallery_images[index], "green" if right else "red")
+            if row == 0:
+                axes[row, col].set_title(f"nearest {col}", fontsize=8)
+    fig.suptitle(
+        "Each row: a query, then its nearest images; green frame: same class, red: another",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -472,7 +472,7 @@ def plot_verification(result: VerificationResult, path: str | Path) -> Path:
     smallest = 1.0 / max(1, len(result.impostor))
     roc.plot(np.maximum(result.fpr, smallest), result.tpr, label=f"ROC (AUC {result.auc:.4f})")
     chance = np.logspace(np.log10(smallest), 0, 50)
-    roc.plot(chance, chance, color="gray", ls=":", lw=1)
+    roc.plot(chance, chance, color="gray", ls=":", lw=1, label="chance")
     roc.plot(
         [max(result.eer, smallest)],
         [1 - result.eer],
