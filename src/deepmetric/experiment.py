@@ -224,86 +224,56 @@ def prepare_run(config: RunConfig) -> tuple[nn.Module, RunData, nn.Module, Any, 
     return model, data, loss, miner, augment
 
 
-def run_experiment(config: RunConfig, progress: bool = True, mode: str = "auto") -> dict[str, Any]:
-    """Train on the config's training classes, then score raw pixels, the untrained (or
-    pretrained) network and the trained network on held-out classes (and Omniglot's one-shot
-    runs). Writes the run folder and returns the results.
-
-    Every input is checked before anything is written; ``mode`` is what to do with a run
-    already in ``config.out`` (see :func:`deepmetric.run_folder.prepare`).
-
-    In a ``torch.distributed`` job (see :func:`launch_experiment`) every process calls it and
-    trains; only rank 0 writes the run folder and scores, the others return ``{}``."""
-    model, data, loss, miner, augment = prepare_run(config)
-    out = Path(config.out)
-    main_process = process_rank() == 0
-    if main_process:
-        run_folder.prepare(config, mode)  # type: ignore[arg-type]
-        run_folder.write_info(
-            out,
-            run_folder.RunInfo(
-                input_shape=data.input_shape,
-                class_names={
-                    "train": _present_classes(data.train),
-                    "val": [] if data.val is None else _present_classes(data.val),
-                    "test": _present_classes(data.test),
-                },
-                num_samples={
-                    "train": len(data.train),
-                    "val": 0 if data.val is None else len(data.val),
-                    "test": len(data.test),
-                },
-                dataset=config.dataset,
-                extra={
-                    "dataset_path": _absolute_path(config.dataset),
-                    "model": _describe(model),
-                    "input_spec": _input_spec(model),
-                    "lazy": data.lazy,
-                },
-            ),
-        )
-    if is_distributed():
-        torch.distributed.barrier()  # the folder is ready (or cleared) before anyone reads it
-    untrained = {k: v.clone() for k, v in model.state_dict().items()}
-    hdml = None
-    if config.hdml:
-        hdml = build_hdml(model, loss, len(data.train.class_names), config.hdml_options)  # type: ignore[arg-type]
-    trainer = Trainer(
-        model,
-        loss,
-        data.train,
-        config=config.train,
-        val_set=data.val,
-        miner=miner,
-        augment=augment,
-        run_dir=out,
-        hdml=hdml,
+def _start_run_folder(config: RunConfig, mode: str, data: RunData, model: nn.Module) -> None:
+    """Prepare ``config.out`` (:func:`deepmetric.run_folder.prepare`) and record in ``run.json``
+    what later commands need: the model's input and architecture, the classes, the data."""
+    run_folder.prepare(config, mode)  # type: ignore[arg-type]
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    run_folder.write_info(
+        config.out,
+        run_folder.RunInfo(
+            input_shape=data.input_shape,
+            class_names={k: [] if v is None else _present_classes(v) for k, v in splits.items()},
+            num_samples={k: 0 if v is None else len(v) for k, v in splits.items()},
+            dataset=config.dataset,
+            extra={
+                "dataset_path": _absolute_path(config.dataset),
+                "model": _describe(model),
+                "input_spec": _input_spec(model),
+                "lazy": data.lazy,
+            },
+        ),
     )
-    device = trainer.device
-    started = time.perf_counter()
-    history = trainer.fit()
-    seconds = time.perf_counter() - started
-    if not main_process:  # the others only train (and need not wait for the scores)
-        return {}
 
+
+def _score_table(
+    config: RunConfig,
+    data: RunData,
+    model: nn.Module,
+    untrained: dict[str, Tensor],
+    trained: dict[str, Tensor],
+    device: torch.device,
+) -> tuple[list[dict[str, Any]], dict[str, list[float]]]:
+    """The result table's rows (raw pixels, the untrained or pretrained network, the trained
+    one, and with test-time augmentation the trained one again) and the one-shot runs'
+    accuracies per row."""
     pretrained = config.model.trunk != "small_cnn" and config.model.options.get("pretrained", True)
+    baseline = "pretrained backbone (not fine-tuned)" if pretrained else "untrained network"
     rows: list[dict[str, Any]] = []
     per_run: dict[str, list[float]] = {}
-    scored: list[tuple[str, nn.Module]] = [("raw pixels", _Pixels())]
-    baseline = "pretrained backbone (not fine-tuned)" if pretrained else "untrained network"
-    model.load_state_dict(untrained)
-    scored.append((baseline, model))
-    for name, embedder in scored:
-        row, accuracies = _score_row(name, embedder, data, config, device)
+    for name, weights in (
+        ("raw pixels", None),
+        (baseline, untrained),
+        ("trained network", trained),
+    ):
+        if weights is not None:
+            model.load_state_dict(weights)
+        row, accuracies = _score_row(
+            name, _Pixels() if weights is None else model, data, config, device
+        )
         rows.append(row)
         if accuracies:
             per_run[name] = accuracies
-    best = load_checkpoint(out / "best.pt")
-    model.load_state_dict(best["model"])
-    row, accuracies = _score_row("trained network", model, data, config, device)
-    rows.append(row)
-    if accuracies:
-        per_run["trained network"] = accuracies
     tta = build_augment(config.augment)
     if config.test_time_augment and tta is not None and not data.lazy:
         copies = config.test_time_augment
@@ -325,7 +295,49 @@ def run_experiment(config: RunConfig, progress: bool = True, mode: str = "auto")
             )
             tta_row["one-shot 20-way"] = sum(per_run[name]) / len(per_run[name])
         rows.append(tta_row)
+    return rows, per_run
 
+
+def run_experiment(config: RunConfig, mode: str = "auto") -> dict[str, Any]:
+    """Train on the config's training classes, then score raw pixels, the untrained (or
+    pretrained) network and the trained network on held-out classes (and Omniglot's one-shot
+    runs). Writes the run folder and returns the results.
+
+    Every input is checked before anything is written; ``mode`` is what to do with a run
+    already in ``config.out`` (see :func:`deepmetric.run_folder.prepare`).
+
+    In a ``torch.distributed`` job (see :func:`launch_experiment`) every process calls it and
+    trains; only rank 0 writes the run folder and scores, the others return ``{}``."""
+    model, data, loss, miner, augment = prepare_run(config)
+    out = Path(config.out)
+    main_process = process_rank() == 0
+    if main_process:
+        _start_run_folder(config, mode, data, model)
+    if is_distributed():
+        torch.distributed.barrier()  # the folder is ready (or cleared) before anyone reads it
+    untrained = {k: v.clone() for k, v in model.state_dict().items()}
+    hdml = None
+    if config.hdml:
+        num_classes = len(data.train.class_names)
+        hdml = build_hdml(model, loss, num_classes, config.hdml_options)  # type: ignore[arg-type]
+    trainer = Trainer(
+        model,
+        loss,
+        data.train,
+        config=config.train,
+        val_set=data.val,
+        miner=miner,
+        augment=augment,
+        run_dir=out,
+        hdml=hdml,
+    )
+    started = time.perf_counter()
+    history = trainer.fit()
+    seconds = time.perf_counter() - started
+    if not main_process:  # the others only train (and need not wait for the scores)
+        return {}
+    best = load_checkpoint(out / "best.pt")
+    rows, per_run = _score_table(config, data, model, untrained, best["model"], trainer.device)
     results = {
         "table": rows,
         "one_shot_per_run": per_run,
@@ -597,7 +609,7 @@ def launch_experiment(
     start_processes(
         nproc,
         run_experiment,
-        (config, True, mode),
+        (config, mode),
         device=config.train.device,
         timeout_s=timeout_s,
     )
