@@ -46,7 +46,6 @@ from ..distances import (
     LpDistance,
     _to_float32,
 )
-from ..reducers import BaseReducer, SelectingReducer, ThresholdReducer, reduces_by_selection
 from ._logsumexp import at_most_one_pair_each
 from .base import Batch
 
@@ -724,15 +723,6 @@ def add_pair_embedding_grads_(
         if euclidean:
             col_sums = weight.new_zeros(len(ref)).index_add_(0, cols, weight)
             grad_ref.addcmul_(col_sums.unsqueeze(1), ref)
-
-
-def selects_elementwise(reducer: BaseReducer) -> bool:
-    """True for a :class:`SelectingReducer` (select, then divide) whose ``select`` keeps or drops
-    each loss on its own value: the built-in mean, sum, threshold and average-non-zero reducers.
-    Such a reducer can be applied block by block."""
-    if not (isinstance(reducer, SelectingReducer) and reduces_by_selection(reducer)):
-        return False
-    return type(reducer).select in (SelectingReducer.select, ThresholdReducer.select)
 
 
 # -- the distances of listed pairs ---------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .._checks import check_embeddings, check_indices_tuple, check_labels
 from .._pairs import label_masks, masks_from_indices
 from ..distances import BaseDistance, LpDistance
-from ..reducers import BaseReducer, LossDict, MeanReducer
+from ..reducers import BaseReducer, LossDict, MeanReducer, scalar_entry
 
 
 @dataclass
@@ -189,11 +189,7 @@ class BaseMetricLossFunction(nn.Module):
         loss_dict = self.compute_loss(batch)
         if self.embedding_regularizer is not None:
             penalty = self.embedding_regularizer(embeddings) * self.embedding_reg_weight
-            loss_dict["embedding_reg_loss"] = {
-                "losses": penalty,
-                "indices": None,
-                "reduction_type": "already_reduced",
-            }
+            loss_dict["embedding_reg_loss"] = scalar_entry(penalty)
         return self.reducer(loss_dict, embeddings, batch.labels)
 
     def compute_loss(self, batch: Batch) -> LossDict:
@@ -202,7 +198,4 @@ class BaseMetricLossFunction(nn.Module):
     def zero_losses(self, *names: str) -> LossDict:
         """A loss dict of zeros, for batches with nothing to learn from (the reducer turns them
         into a zero with a zero gradient)."""
-        return {
-            name: {"losses": 0.0, "indices": None, "reduction_type": "already_reduced"}
-            for name in (names or ("loss",))
-        }
+        return {name: scalar_entry(0.0) for name in (names or ("loss",))}
