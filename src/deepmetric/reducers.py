@@ -282,12 +282,11 @@ class ThresholdReducer(SelectingReducer):
         self.high = high
 
     def select(self, losses: Tensor) -> Tensor:
-        keep = torch.ones_like(losses, dtype=torch.bool)
-        if self.low is not None:
-            keep &= losses > self.low
-        if self.high is not None:
-            keep &= losses < self.high
-        return keep
+        if self.low is None:
+            assert self.high is not None  # (at least one bound, see __init__)
+            return losses < self.high
+        keep = losses > self.low
+        return keep if self.high is None else keep.logical_and_(losses < self.high)
 
     def divisor(self, n_selected: Tensor, n_total: Tensor) -> Tensor:
         return n_selected
