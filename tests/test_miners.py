@@ -20,7 +20,6 @@ from pytorch_metric_learning import miners as pml_miners
 from torch import Tensor
 
 from deepmetric import distances
-from deepmetric._pairs import label_masks
 from deepmetric.losses.contrastive import ContrastiveLoss
 from deepmetric.losses.triplet import TripletMarginLoss
 from deepmetric.miners import (
@@ -34,6 +33,7 @@ from deepmetric.miners import (
     distance_weighted_negative_weights,
     triplets_in_margin_band,
 )
+from deepmetric.pairwise import label_masks
 from tests.parity import as_set, pk_labels, value_and_grad
 
 MINERS: dict[str, type[torch.nn.Module]] = {

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-if TYPE_CHECKING:  # (annotations only: the batch type lives with the losses' validation)
+if TYPE_CHECKING:  # (annotations only)
     from .distances import BaseDistance
-    from .losses.base import Batch
+    from .pairwise import Batch
 
 Triplets = tuple[Tensor, Tensor, Tensor]
 """``(anchor, positive, negative)``, each ``(T,)`` int64."""

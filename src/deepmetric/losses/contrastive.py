@@ -9,10 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._pairs import pairs_from_masks, to_pairs
 from ..distances import BaseDistance
-from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, ReductionStream
-from ._blockwise import (
+from ..pairwise import (
     MatrixBlocks,
     MatrixKind,
     PairBlocks,
@@ -28,7 +26,10 @@ from ._blockwise import (
     fused_matrix_kind,
     normalized_inputs,
     pair_distances,
+    pairs_from_masks,
+    to_pairs,
 )
+from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, ReductionStream
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -86,10 +87,10 @@ def contrastive_block_terms(
     (:class:`ContrastiveBlockGrads`), zero where a stream does not keep a loss.
 
     ``block.mat`` holds the entries of
-    :meth:`~deepmetric.losses._blockwise.MatrixBlocks.tile` with ``root=False`` (squared
+    :meth:`~deepmetric.pairwise.MatrixBlocks.tile` with ``root=False`` (squared
     Euclidean distances are turned into distances here, in place). Only the negatives inside
     the margin are added: found by one comparison of the block before any square root
-    (:func:`~deepmetric.losses._blockwise.root_bound`: the same entries), and when they are few
+    (:func:`~deepmetric.pairwise.root_bound`: the same entries), and when they are few
     only they become distances and losses. The caller adds the others, whose loss is zero.
     """
     pos_stream, neg_stream = streams
@@ -150,10 +151,10 @@ class _BlockwiseContrastive(torch.autograd.Function):
     sum with respect to the embeddings while the block is at hand (when a gradient is wanted at
     all): the backward pass only scales them. Nothing of size ``(B, R)`` outlives a block. Only
     the kept negatives have a gradient; when a block has few, they are handled as a list. When
-    the pairs are symmetric (:attr:`~deepmetric.losses._blockwise.PairBlocks.symmetric`), so are
+    the pairs are symmetric (:attr:`~deepmetric.pairwise.PairBlocks.symmetric`), so are
     the weights: each block adds both roles of its rows with one matrix product, and a large
     batch is read as the square tiles on and above the diagonal
-    (:meth:`~deepmetric.losses._blockwise.PairBlocks.tiles`), a tile off the diagonal counting
+    (:meth:`~deepmetric.pairwise.PairBlocks.tiles`), a tile off the diagonal counting
     twice (its losses, and its gradients for its rows and its columns).
     """
 
@@ -287,7 +288,7 @@ class ContrastiveLoss(BaseMetricLossFunction):
         self, batch: Batch, a1: Tensor, p: Tensor, a2: Tensor, n: Tensor
     ) -> tuple[Tensor, Tensor]:
         """The distances of a miner's positive and negative pairs: one by one when there are
-        few of them (:func:`~deepmetric.losses._blockwise.few_pairs`), else read off the whole
+        few of them (:func:`~deepmetric.pairwise.few_pairs`), else read off the whole
         matrix."""
         if few_pairs(batch, len(a1) + len(a2)):
             dists = pair_distances(self.distance, batch, torch.cat([a1, a2]), torch.cat([p, n]))
@@ -299,7 +300,7 @@ class ContrastiveLoss(BaseMetricLossFunction):
         self, batch: Batch, pos_stream: ReductionStream, neg_stream: ReductionStream
     ) -> LossDict:
         """All pairs of the labels, added to the streams: one block of rows of the matrix at a
-        time for the distances of :func:`~deepmetric.losses._blockwise.fused_matrix_kind`, the
+        time for the distances of :func:`~deepmetric.pairwise.fused_matrix_kind`, the
         whole ``(B, R)`` matrix (no index lists) for the others."""
         kind = fused_matrix_kind(self.distance)
         if kind is None:

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_embeddings, check_indices_tuple, check_labels
-from .._pairs import pairs_from_masks, pairs_to_triplets, to_pairs
 from ..interfaces import IndicesTuple, Miner
+from ..pairwise import pairs_from_masks, pairs_to_triplets, to_pairs
 from ..reducers import zero_loss
 from .base import BaseMetricLossFunction, Batch, prepare_batch
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from .._pairs import all_triplets, pairs_to_triplets, positive_pair_chunks, random_triplets
 from ..distances import BaseDistance
+from ..pairwise import all_triplets, pairs_to_triplets, positive_pair_chunks, random_triplets
 from ..reducers import (
     BaseReducer,
     DivisorReducer,

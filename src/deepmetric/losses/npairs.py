@@ -9,16 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._pairs import to_pairs
 from ..distances import BaseDistance, DotProductSimilarity, _to_float32, unit_rows, unit_rows_grad
-from ..reducers import LossDict
-from ._blockwise import (
+from ..pairwise import (
     MatrixKind,
     as_compared,
     first_order_only,
     fused_matrix_kind,
     pairs_are_the_labels,
+    to_pairs,
 )
+from ..reducers import LossDict
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 

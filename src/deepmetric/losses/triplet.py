@@ -9,10 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._pairs import all_triplets, pairs_to_triplets, positive_pair_chunks, random_triplets
 from ..distances import BaseDistance
+from ..pairwise import (
+    all_triplets,
+    few_pairs,
+    pair_distances,
+    pairs_to_triplets,
+    positive_pair_chunks,
+    random_triplets,
+)
 from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, ReductionStream
-from ._blockwise import few_pairs, pair_distances
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 

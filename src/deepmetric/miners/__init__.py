@@ -13,10 +13,11 @@ and returns int64 index tensors on the embeddings' device:
 Anchors index ``embeddings``; positives and negatives index ``ref_emb`` (the embeddings
 themselves when no reference set is given, in which case a sample is never its own positive).
 
-Every miner reads one ``(B, R)`` distance matrix, computed without autograd, and the boolean label
-masks of :mod:`deepmetric._pairs`. Each is a plain function of that matrix and those masks (the
-functional core, usable on its own) wrapped by a thin :class:`BaseMiner` subclass. Triplets are
-enumerated one block of positive pairs at a time, never through a ``B×R×R`` cube.
+Every miner reads one ``(B, R)`` distance matrix, computed without autograd, and the boolean
+label masks of :mod:`deepmetric.pairwise.masks`. Each is a plain function of that matrix and
+those masks (the functional core, usable on its own) wrapped by a thin :class:`BaseMiner`
+subclass. Triplets are enumerated one block of positive pairs at a time, never through a
+``B×R×R`` cube.
 :class:`PairMarginMiner` and :class:`BatchHardMiner` go further for the common distances: they
 compute the matrix one block of rows at a time and never hold it, nor the masks, whole (see
 :meth:`BaseMiner.mine_batch`); the result is the same.

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..distances import BaseDistance, LpDistance
 from ..interfaces import IndicesTuple, Pairs, Triplets
-from ..losses.base import Batch, prepare_batch
+from ..pairwise import Batch, prepare_batch
 
 
 def empty_indices(n: int, device: torch.device) -> tuple[Tensor, ...]:

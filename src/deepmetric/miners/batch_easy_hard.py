@@ -7,18 +7,18 @@ import math
 import torch
 from torch import Tensor
 
-from .._pairs import pairs_from_masks
 from ..distances import BaseDistance
 from ..interfaces import IndicesTuple, Pairs, Triplets
-from ..losses._blockwise import (
+from ..pairwise import (
+    Batch,
     MatrixBlocks,
     MatrixKind,
     PairBlocks,
     full_precision,
     fused_matrix_kind,
     normalized_inputs,
+    pairs_from_masks,
 )
-from ..losses.base import Batch
 from .base import (
     BaseMiner,
     cap_negative_pairs,
@@ -210,7 +210,7 @@ def batch_hard_triplets_blockwise(
 ) -> Triplets:
     """The triplets of :func:`batch_easy_hard_pairs` with ``"hard"`` for both strategies (each
     anchor's farthest positive and closest negative) over the matrix of ``distance`` (a fusable
-    ``kind``, see :func:`~deepmetric.losses._blockwise.fused_matrix_kind`), computed one block of
+    ``kind``, see :func:`~deepmetric.pairwise.fused_matrix_kind`), computed one block of
     rows at a time from the embeddings: neither the whole matrix nor the label masks are built.
     Ties are broken as :func:`pick_per_row` breaks them.
 

@@ -7,10 +7,9 @@ import math
 import torch
 from torch import Tensor
 
-from .._pairs import sample_in_rows
 from ..distances import BaseDistance, LpDistance
 from ..interfaces import Triplets
-from ..losses.base import Batch
+from ..pairwise import Batch, sample_in_rows
 from .base import (
     BaseMiner,
     empty_triplets,

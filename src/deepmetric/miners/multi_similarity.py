@@ -6,10 +6,9 @@ import math
 
 from torch import Tensor
 
-from .._pairs import pairs_from_masks
 from ..distances import BaseDistance, CosineSimilarity
 from ..interfaces import Pairs
-from ..losses.base import Batch
+from ..pairwise import Batch, pairs_from_masks
 from .base import (
     BaseMiner,
     cap_negative_pairs,

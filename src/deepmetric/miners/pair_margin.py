@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._pairs import pairs_from_masks
 from ..distances import BaseDistance
 from ..interfaces import IndicesTuple, Pairs
-from ..losses._blockwise import (
+from ..pairwise import (
+    Batch,
     MatrixBlocks,
     MatrixKind,
     PairBlocks,
@@ -17,8 +17,8 @@ from ..losses._blockwise import (
     full_precision,
     fused_matrix_kind,
     normalized_inputs,
+    pairs_from_masks,
 )
-from ..losses.base import Batch
 from .base import (
     BaseMiner,
     cap_negative_pairs,
@@ -54,7 +54,7 @@ def pair_margin_pairs_blockwise(
     neg_margin: float,
 ) -> tuple[Pairs, Tensor]:
     """:func:`pair_margin_pairs` over the matrix of ``distance`` (a fusable ``kind``, see
-    :func:`~deepmetric.losses._blockwise.fused_matrix_kind`), computed one block of rows at a
+    :func:`~deepmetric.pairwise.fused_matrix_kind`), computed one block of rows at a
     time from the embeddings: neither the whole matrix nor the label masks are built. Also
     returns the distances of the negative pairs (for :func:`cap_negative_pairs`).
 

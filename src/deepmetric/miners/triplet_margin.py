@@ -7,14 +7,9 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from .._pairs import (
-    CHUNK_ELEMENTS,
-    positive_pair_chunks,
-    triplets_from_masks,
-)
 from ..distances import BaseDistance
 from ..interfaces import Triplets
-from ..losses.base import Batch
+from ..pairwise import CHUNK_ELEMENTS, Batch, positive_pair_chunks, triplets_from_masks
 from .base import BaseMiner
 
 
@@ -32,7 +27,8 @@ def triplets_in_margin_band(
 
     Triplets come out in lexicographic ``(a, p, n)`` order. They are visited one block of
     positive pairs at a time, so memory is bounded by the output, a byte per positive pair and
-    reference, and one ``(block, R)`` slice (:func:`~deepmetric._pairs.triplets_from_masks`).
+    reference, and one ``(block, R)`` slice
+    (:func:`~deepmetric.pairwise.masks.triplets_from_masks`).
 
     Shapes: ``mat``, ``pos_mask``, ``neg_mask`` ``(B, R)`` -> three ``(T,)`` int64 tensors.
     """
