@@ -57,37 +57,25 @@ def embedding_grads(
     * inner product: ``∂/∂q_i = Σ_j v_ij r_j``, ``∂/∂r_j = Σ_i v_ij q_i``.
 
     When the references are the queries (``same_source``) both roles are one gradient, returned
-    first: one matrix product with ``s = v + vᵀ`` instead of one per role.
+    first: one matrix product with ``s = v + vᵀ`` instead of one per role. Each block of rows is
+    added by :func:`add_block_embedding_grads_`, where the formulas are written.
 
     Shapes: ``query`` ``(B, D)``, ``ref`` ``(R, D)``, ``weight`` ``(B, R)``, ``row_scale``
     ``(B,)``; ``need`` says which gradients to compute.
     """
-    euclidean = kind is not MatrixKind.INNER_PRODUCT
     scale = row_scale.unsqueeze(1)
     if same_source:
-        grad = torch.empty_like(query)
+        grad = torch.zeros_like(query)
         for start, stop in row_blocks(len(query), len(ref), query.device):
             s = weight[start:stop] * scale[start:stop]
             s += (weight[:, start:stop] * scale).t()
-            block = torch.mm(s, query, out=grad[start:stop])
-            if euclidean:
-                block.neg_().addcmul_(s.sum(dim=1, keepdim=True), query[start:stop])
+            add_block_embedding_grads_(kind, query, ref, start, s, grad, None)
         return grad, None
-    grad_query = torch.empty_like(query) if need[0] else None
+    grad_query = torch.zeros_like(query) if need[0] else None
     grad_ref = torch.zeros_like(ref) if need[1] else None
-    col_sums = ref.new_zeros(len(ref))
     for start, stop in row_blocks(len(query), len(ref), query.device):
         v = weight[start:stop] * scale[start:stop]
-        if grad_query is not None:
-            block = torch.mm(v, ref, out=grad_query[start:stop])
-            if euclidean:
-                block.neg_().addcmul_(v.sum(dim=1, keepdim=True), query[start:stop])
-        if grad_ref is not None:
-            grad_ref.addmm_(v.t(), query[start:stop], alpha=-1.0 if euclidean else 1.0)
-            if euclidean:
-                col_sums += v.sum(dim=0)
-    if grad_ref is not None and euclidean:
-        grad_ref.addcmul_(col_sums.unsqueeze(1), ref)
+        add_block_embedding_grads_(kind, query, ref, start, v, grad_query, grad_ref)
     return grad_query, grad_ref
 
 
