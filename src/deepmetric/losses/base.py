@@ -96,6 +96,10 @@ class BaseMetricLossFunction(nn.Module):
         return self.reducer(loss_dict, embeddings, batch.labels)
 
     def compute_loss(self, batch: Batch) -> LossDict:
+        """The sub-losses of a validated batch, by name: each a whole tensor of losses (a
+        :class:`~deepmetric.reducers.LossInfo`), or the
+        :class:`~deepmetric.reducers.ReductionStream` that ``self.reducer.stream(name, ...)``
+        handed out, fed block by block (when it handed one out: otherwise the losses whole)."""
         raise NotImplementedError
 
     def zero_losses(self, *names: str) -> LossDict:
