@@ -1,5 +1,5 @@
-"""The blockwise fast paths of the matrix-based pair losses and miners
-(:mod:`deepmetric.losses._blockwise`).
+"""The blockwise fast paths of the matrix-based pair losses and miners (the pair engine,
+:mod:`deepmetric.pairwise`).
 
 * each row rule's closed-form gradient against autograd through the loss's general functional core;
 * ``gradcheck`` in float64 of the custom autograd Functions (row losses, contrastive sums, pair
@@ -27,10 +27,7 @@ from hypothesis import strategies as st
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor
 
-import deepmetric.losses._blockwise as blockwise
-from deepmetric import distances, miners, reducers
-from deepmetric._pairs import all_triplets, label_masks
-from deepmetric.losses.base import Batch, prepare_batch
+from deepmetric import distances, miners, pairwise, reducers
 from deepmetric.losses.circle import CircleLoss, circle_row_losses, circle_row_losses_and_grad
 from deepmetric.losses.contrastive import ContrastiveLoss
 from deepmetric.losses.lifted import (
@@ -50,6 +47,7 @@ from deepmetric.losses.ranked_list import (
     ranked_list_row_losses_and_grad,
 )
 from deepmetric.losses.triplet import TripletMarginLoss
+from deepmetric.pairwise import Batch, all_triplets, label_masks, prepare_batch
 from tests.parity import assert_same_loss, pk_labels, value_and_grad
 
 
@@ -88,7 +86,7 @@ def _batch(n: int = 24, per_class: int = 3, dim: int = 8, seed: int = 0) -> tupl
 # -- 1. closed-form row gradients against autograd ---------------------------------------------
 
 LossCore = Callable[[Tensor, Tensor, Tensor], Tensor]
-RowRule = Callable[[blockwise.RowBlock], tuple[Tensor, Tensor]]
+RowRule = Callable[[pairwise.RowBlock], tuple[Tensor, Tensor]]
 
 
 def _row_rule_cases() -> list[tuple[str, LossCore, RowRule]]:
@@ -148,7 +146,7 @@ def test_row_rule_gradient_matches_autograd(
         expected_grad = _circle_grad(mat.detach(), pos_mask, neg_mask)
     rows, cols = torch.where(pos_mask)
     neg = None if same_source else neg_mask  # the miner-mask path, when not from labels
-    block = blockwise.RowBlock(mat.detach().clone(), rows, cols, 0 if same_source else None, neg)
+    block = pairwise.RowBlock(mat.detach().clone(), rows, cols, 0 if same_source else None, neg)
     losses, grad = rule(block)
     torch.testing.assert_close(losses, expected.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
@@ -173,7 +171,7 @@ KIND_DISTANCES = {
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of one or two rows, so that every loop runs many times."""
-    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 20)
+    monkeypatch.setattr(pairwise.matrix, "BLOCK_ELEMENTS", 20)
 
 
 @pytest.mark.usefixtures("small_blocks")
@@ -193,7 +191,7 @@ def test_gradcheck_in_float64(make_loss: Any, kind: str, with_ref: bool) -> None
     emb, labels = _batch(n=10, per_class=2, dim=4, seed=2)
     ref, ref_labels = _batch(n=8, per_class=2, dim=4, seed=3)
     loss = make_loss(KIND_DISTANCES[kind]())
-    assert blockwise.fused_matrix_kind(loss.distance) is not None
+    assert pairwise.fused_matrix_kind(loss.distance) is not None
 
     def fn(e: Tensor, r: Tensor) -> Tensor:
         if with_ref:
@@ -216,7 +214,7 @@ def test_pair_distances_gradcheck_and_values(kind: str) -> None:
 
     def fn(e: Tensor, r: Tensor) -> Tensor:
         batch = prepare_batch(e, labels, None, r, torch.zeros(len(r), dtype=torch.long))
-        return blockwise.pair_distances(distance, batch, rows, cols)
+        return pairwise.pair_distances(distance, batch, rows, cols)
 
     e, r = emb.clone().requires_grad_(True), ref.clone().requires_grad_(True)
     expected = distance.pairwise_distance(emb[rows], ref[cols])
@@ -256,8 +254,8 @@ def _loss_pair(name: str, distance: str, **options: Any) -> tuple[Any, Any]:
     margins = SIM_MARGINS.get(name, {}) if make_distance().is_inverted else {}
     fast = LOSSES[name](distance=make_distance(), **(margins | options))
     slow = LOSSES[name](distance=general(make_distance()), **(margins | options))
-    assert blockwise.fused_matrix_kind(fast.distance) is not None
-    assert blockwise.fused_matrix_kind(slow.distance) is None
+    assert pairwise.fused_matrix_kind(fast.distance) is not None
+    assert pairwise.fused_matrix_kind(slow.distance) is None
     return fast, slow
 
 
@@ -275,7 +273,7 @@ def _assert_same(fast: Any, slow: Any, emb: Tensor, *args: Any, **kwargs: Any) -
 def test_fast_path_matches_general_path(
     name: str, distance: str, block_elements: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(pairwise.matrix, "BLOCK_ELEMENTS", block_elements)
     emb, labels = _batch(seed=6)
     ref, ref_labels = _batch(n=15, seed=7)
     fast, slow = _loss_pair(name, distance)
@@ -376,7 +374,7 @@ MINERS: dict[str, Callable[..., miners.BaseMiner]] = {
 def test_blockwise_miners_match_whole_matrix_miners(
     name: str, with_ref: bool, block_elements: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(pairwise.matrix, "BLOCK_ELEMENTS", block_elements)
     # small integers: exact distances in both computations, and many exact ties
     g = torch.Generator().manual_seed(13)
     emb = torch.randint(-3, 4, (30, 5), generator=g).double()
@@ -429,7 +427,7 @@ def test_same_label_pairs_match_the_label_masks(
 ) -> None:
     query = torch.tensor(labels, dtype=torch.long)
     ref = query if same_source else torch.tensor(ref_labels, dtype=torch.long)
-    rows, cols, counts = blockwise.same_label_pairs(query, ref, same_source)
+    rows, cols, counts = pairwise.same_label_pairs(query, ref, same_source)
     pos_mask, _ = label_masks(query, ref, same_source)
     expected_rows, expected_cols = torch.where(pos_mask)
     assert torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)
@@ -484,7 +482,7 @@ def test_contrastive_with_few_miner_pairs_matches_pml(make_distance: Any) -> Non
     # a repeated positive pair; 10 + 1 + 20 pairs: few enough for the one-by-one path
     tup = (torch.cat([a1[:10], a1[:1]]), torch.cat([p[:10], p[:1]]), a2[::40][:20], n[::40][:20])
     batch = prepare_batch(emb, labels, tup, None, None)
-    assert blockwise.few_pairs(batch, len(tup[0]) + len(tup[2]))
+    assert pairwise.few_pairs(batch, len(tup[0]) + len(tup[2]))
     ours_distance = make_distance()
     theirs_distance = _pml_twin(ours_distance)
     margins = {"pos_margin": 0.7, "neg_margin": 0.3} if ours_distance.is_inverted else {}
@@ -508,7 +506,7 @@ def test_triplet_with_few_miner_triplets_matches_pml(make_distance: Any, smooth_
     a, p, n = miners.BatchHardMiner()(emb, labels)
     tup = (torch.cat([a, a[:1]]), torch.cat([p, p[:1]]), torch.cat([n, n[:1]]))
     batch = prepare_batch(emb, labels, tup, None, None)
-    assert blockwise.few_pairs(batch, 2 * len(tup[0]))
+    assert pairwise.few_pairs(batch, 2 * len(tup[0]))
     assert {tuple(t) for t in torch.stack(tup[:3], 1)[:-1].tolist()} == {
         tuple(t) for t in torch.stack(pml_miners.BatchHardMiner()(emb, labels), 1).tolist()
     }
@@ -603,7 +601,7 @@ def test_root_bound_decides_a_margin_before_the_square_root(
 ) -> None:
     """sqrt(x) < bound exactly when x < root_bound(bound): on the floats next to the bound on
     either side, and on random ones."""
-    threshold = blockwise.root_bound(bound, dtype)
+    threshold = pairwise.root_bound(bound, dtype)
     inf = torch.tensor(float("inf"), dtype=dtype)
     near = [torch.tensor(threshold, dtype=dtype)]
     for step in (inf, -inf):

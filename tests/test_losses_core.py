@@ -14,7 +14,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers as pml_reducers
 from pytorch_metric_learning import regularizers as pml_regularizers
 
-from deepmetric import distances, losses, reducers, regularizers
+from deepmetric import distances, losses, pairwise, reducers, regularizers
 from tests.parity import assert_same_loss, pk_labels, value_and_grad
 
 CASES = [
@@ -59,9 +59,7 @@ def test_parity_with_cosine_similarity_and_float32(name: str, kwargs: dict) -> N
 def test_parity_with_miner_tuples(name: str, kwargs: dict) -> None:
     emb, labels = _batch(seed=5)
     g = torch.Generator().manual_seed(0)
-    a, p, n = losses.triplet.all_triplets(
-        *losses.base.label_masks(labels, labels, same_source=True)
-    )
+    a, p, n = pairwise.all_triplets(*pairwise.label_masks(labels, labels, same_source=True))
     pick = torch.randperm(len(a), generator=g)[:60]
     triplets = (a[pick], p[pick], n[pick])
     pos = torch.where(labels[:, None] == labels[None, :])

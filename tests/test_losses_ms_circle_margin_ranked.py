@@ -22,11 +22,11 @@ from torch import Tensor
 
 import deepmetric.losses.margin as margin_module
 from deepmetric import distances, reducers, regularizers
-from deepmetric._pairs import all_triplets, label_masks
 from deepmetric.losses.circle import CircleLoss
 from deepmetric.losses.margin import DivisorReducer, MarginLoss
 from deepmetric.losses.multi_similarity import MultiSimilarityLoss
 from deepmetric.losses.ranked_list import RankedListLoss
+from deepmetric.pairwise import all_triplets, label_masks
 from tests.parity import assert_same_loss, pk_labels, value_and_grad
 
 OURS: dict[str, type] = {

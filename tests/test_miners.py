@@ -20,7 +20,6 @@ from pytorch_metric_learning import miners as pml_miners
 from torch import Tensor
 
 from deepmetric import distances
-from deepmetric._pairs import label_masks
 from deepmetric.losses.contrastive import ContrastiveLoss
 from deepmetric.losses.triplet import TripletMarginLoss
 from deepmetric.miners import (
@@ -34,6 +33,7 @@ from deepmetric.miners import (
     distance_weighted_negative_weights,
     triplets_in_margin_band,
 )
+from deepmetric.pairwise import label_masks
 from tests.parity import as_set, pk_labels, value_and_grad
 
 MINERS: dict[str, type[torch.nn.Module]] = {
@@ -639,3 +639,25 @@ def test_bad_input_raises_value_error() -> None:
         miner(emb, labels, emb, None)
     with pytest.raises(ValueError, match="2-D"):
         miner(emb[0], labels[:1])
+
+
+def test_losses_never_import_the_miners() -> None:
+    """The losses reach miners through :mod:`deepmetric.interfaces` only, so that the two
+    packages do not import each other (a cycle breaks partial imports)."""
+    import ast
+    from pathlib import Path
+
+    import deepmetric.losses
+
+    offenders = []
+    for path in Path(deepmetric.losses.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{'.' * node.level}{node.module or ''}"]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            if any(name in ("..miners", "deepmetric.miners") for name in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert offenders == []

@@ -21,6 +21,7 @@ from .softmax_margin import (
     SubCenterArcFaceLoss,
 )
 from .triplet import TripletMarginLoss
+from .tuplet_npairs import TupletNPairsLoss
 
 __all__ = [
     "ArcFaceLoss",
@@ -43,4 +44,5 @@ __all__ = [
     "NPairsLoss",
     "NTXentLoss",
     "TripletMarginLoss",
+    "TupletNPairsLoss",
 ]

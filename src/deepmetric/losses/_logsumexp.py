@@ -15,8 +15,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._pairs import to_pairs
+from ..pairwise import at_most_one_pair_each, to_pairs
 from .base import Batch
+
+__all__ = [
+    "at_most_one_pair_each",
+    "masked_logsumexp",
+    "pair_counts",
+    "positive_pairs_and_negative_weights",
+]
 
 
 def pair_counts(rows: Tensor, cols: Tensor, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -73,9 +80,3 @@ def positive_pairs_and_negative_weights(
     anchors, positives, neg_anchors, negatives = to_pairs(batch.indices_tuple)
     counts = pair_counts(neg_anchors, negatives, (n_query, n_ref), dtype)
     return anchors, positives, len(neg_anchors), counts
-
-
-def at_most_one_pair_each(n_pos_pairs: int, n_neg_pairs: int) -> bool:
-    """PML's rule for every pair-based loss: with at most one positive and at most one negative
-    pair there is nothing to learn from, and the loss is zero."""
-    return n_pos_pairs <= 1 and n_neg_pairs <= 1

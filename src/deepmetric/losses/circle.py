@@ -10,14 +10,14 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from ..distances import BaseDistance, CosineSimilarity
-from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict
-from ._blockwise import (
+from ..pairwise import (
     RowBlock,
     blockwise_row_losses,
     pair_blocks_to_learn_from,
     row_softmax_,
     sparse_softmax,
 )
+from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict
 from ._logsumexp import masked_logsumexp
 from .base import BaseMetricLossFunction, Batch, LossOptions
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -10,18 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._pairs import pairs_from_masks, to_pairs
 from ..distances import BaseDistance
-from ..reducers import (
-    AvgNonZeroReducer,
-    BaseReducer,
-    LossDict,
-    SelectingReducer,
-    keeps_the_nonzero,
-    reduce_masked,
-    reduces_by_selection,
-)
-from ._blockwise import (
+from ..pairwise import (
     MatrixBlocks,
     MatrixKind,
     PairBlocks,
@@ -37,8 +26,10 @@ from ._blockwise import (
     fused_matrix_kind,
     normalized_inputs,
     pair_distances,
-    selects_elementwise,
+    pairs_from_masks,
+    to_pairs,
 )
+from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, ReductionStream
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -56,30 +47,29 @@ def contrastive_pair_losses(
     return pos, neg
 
 
-class ContrastiveBlockTerms(NamedTuple):
-    """What one block of the matrix adds to :class:`_BlockwiseContrastive`'s sums.
+class ContrastiveBlockGrads(NamedTuple):
+    """The gradient of what one block of the matrix added to the positive and negative streams
+    (see :func:`contrastive_block_terms`), with respect to the pairs' distances.
 
-    ``sums`` and ``selected``: ``(2,)`` positive and negative sums of the kept losses and how
-    many each kept. The gradient of each sum with respect to the pairs' distances is
-    ``pos_grad`` at the ``(P,)`` positive entries of the block (distances ``pos_dists``) and, for
-    the negatives, either ``neg_grad`` at the listed entries ``neg_rows``/``neg_cols`` (distances
-    ``neg_dists``), when they are few, or the dense ``(c, R)`` ``neg_grad`` with ``neg_dists``
-    the block's distances (``neg_rows`` is then ``None``).
+    ``pos_grad`` at the ``(P,)`` positive entries of the block (distances ``pos_dists``); for
+    the negatives inside the margin (the only ones with a loss) either ``neg_grad`` at the
+    listed entries ``neg_rows``/``neg_cols`` (distances ``neg_dists``), when they are few, or
+    the dense ``(c, R)`` ``neg_grad`` with ``neg_dists`` the block's distances (``neg_rows`` is
+    then ``None``). ``n_neg`` counts the negatives added (the others have a zero loss).
     """
 
-    sums: Tensor
-    selected: Tensor
     pos_grad: Tensor
     pos_dists: Tensor
     neg_grad: Tensor
     neg_dists: Tensor
     neg_rows: Tensor | None
     neg_cols: Tensor | None
+    n_neg: int
 
 
-# A block whose kept negatives are at most 1/_FEW_NEGATIVES of its entries gets their gradient
-# from a list of them rather than from a dense matrix product (negatives beyond the margin have
-# none: after some training, most of them).
+# A block whose negatives inside the margin are at most 1/_FEW_NEGATIVES of its entries gets
+# their gradient from a list of them rather than from a dense matrix product (negatives beyond
+# the margin have none: after some training, most of them).
 _FEW_NEGATIVES = 64
 
 
@@ -89,83 +79,55 @@ def contrastive_block_terms(
     pos_margin: float,
     neg_margin: float,
     distance: BaseDistance,
-    select: Callable[[Tensor], Tensor] | None,
-) -> ContrastiveBlockTerms:
-    """The :class:`ContrastiveBlockTerms` of ``block``, whose ``mat`` holds the entries of
-    :meth:`~deepmetric.losses._blockwise.MatrixBlocks.tile` with ``root=False`` (squared
-    Euclidean distances are turned into distances here, in place): the losses of
-    :func:`contrastive_pair_losses` that ``select`` keeps (a reducer's elementwise choice;
-    ``None``: the losses above zero, as :class:`~deepmetric.reducers.AvgNonZeroReducer` keeps).
+    streams: tuple[ReductionStream, ReductionStream],
+    copies: int,
+) -> ContrastiveBlockGrads:
+    """Add the losses of :func:`contrastive_pair_losses` of ``block`` to the positive and
+    negative ``streams`` (each counted ``copies`` times), and return their gradient
+    (:class:`ContrastiveBlockGrads`), zero where a stream does not keep a loss.
+
+    ``block.mat`` holds the entries of
+    :meth:`~deepmetric.pairwise.MatrixBlocks.tile` with ``root=False`` (squared
+    Euclidean distances are turned into distances here, in place). Only the negatives inside
+    the margin are added: found by one comparison of the block before any square root
+    (:func:`~deepmetric.pairwise.root_bound`: the same entries), and when they are few
+    only they become distances and losses. The caller adds the others, whose loss is zero.
     """
+    pos_stream, neg_stream = streams
     sign = 1.0 if distance.is_inverted else -1.0  # d(negative violation) / d distance
     pos_dists = distances_(kind, block.mat[block.pos_rows, block.pos_cols])
     pos_losses = F.relu(distance.margin(pos_dists, pos_margin))
-    pos_keep = pos_losses > 0 if select is None else select(pos_losses)
-    pos_losses.mul_(pos_keep)
-    pos_grad = pos_losses.sign().mul_(-sign)
-    if select is None:
-        neg = _negatives_inside_margin(block, kind, neg_margin, distance)
+    pos_keep = pos_stream.add_losses(pos_losses, counts=copies)
+    pos_grad = pos_losses.sign().mul_(-sign)  # relu's slope: 1 where a loss is positive
+    if pos_keep is not None:
+        pos_grad.mul_(pos_keep)
+
+    mat = block.mat
+    inside = closer_than(kind, mat, neg_margin, distance.is_inverted)
+    inside = block.fill_non_negatives_(inside, False)
+    n_inside = int(torch.count_nonzero(inside))
+    rows = cols = None
+    if n_inside * _FEW_NEGATIVES <= inside.numel():
+        rows, cols = torch.where(inside)
+        neg_dists = distances_(kind, mat[rows, cols])
+        losses = distance.margin(neg_margin, neg_dists)  # > 0: inside the margin
+        keep = neg_stream.add_losses(losses, counts=copies)
+        neg_grad = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
     else:
-        neg = _selected_negatives(block, kind, neg_margin, distance, select)
-    neg_sum, neg_selected, neg_grad, neg_dists, neg_rows, neg_cols = neg
-    return ContrastiveBlockTerms(
-        sums=torch.stack([pos_losses.sum(), neg_sum]),
-        selected=torch.stack([pos_keep.sum(), neg_selected]),
+        neg_dists = distances_(kind, mat)
+        inside_bytes = inside.view(torch.uint8)  # (0/1 bytes: fast arithmetic, unlike bool)
+        losses = distance.margin(neg_margin, neg_dists).mul_(inside_bytes)
+        keep = neg_stream.add_losses(losses, inside, counts=copies)
+        neg_grad = (inside if keep is None else keep).to(mat.dtype)
+    return ContrastiveBlockGrads(
         pos_grad=pos_grad,
         pos_dists=pos_dists,
         neg_grad=neg_grad.mul_(sign),
         neg_dists=neg_dists,
-        neg_rows=neg_rows,
-        neg_cols=neg_cols,
+        neg_rows=rows,
+        neg_cols=cols,
+        n_neg=n_inside,
     )
-
-
-# The negative terms of a block: the sum of the kept losses, how many are kept, the slope of
-# each kept loss (1 or 0) and its distance, listed at (rows, columns) when they are few, or
-# dense (c, R) with rows and columns None.
-_NegativeTerms = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
-
-
-def _negatives_inside_margin(
-    block: RowBlock, kind: MatrixKind, neg_margin: float, distance: BaseDistance
-) -> _NegativeTerms:
-    """The negatives inside the margin, the only ones with a loss: found by one comparison of
-    the block before any square root (:func:`~deepmetric.losses._blockwise.root_bound`: the same
-    entries), and when they are few only they become distances and losses."""
-    mat = block.mat
-    inside = closer_than(kind, mat, neg_margin, distance.is_inverted)
-    inside = block.fill_non_negatives_(inside, False)
-    n_inside = torch.count_nonzero(inside)
-    if int(n_inside) * _FEW_NEGATIVES <= inside.numel():
-        rows, cols = torch.where(inside)
-        dists = distances_(kind, mat[rows, cols])
-        losses = distance.margin(neg_margin, dists)  # > 0: inside the margin
-        return losses.sum(), n_inside, torch.ones_like(losses), dists, rows, cols
-    dists = distances_(kind, mat)
-    inside_bytes = inside.view(torch.uint8)  # (0/1 bytes: fast arithmetic, unlike bool)
-    losses = distance.margin(neg_margin, dists).mul_(inside_bytes)
-    return losses.sum(), n_inside, inside_bytes.to(mat.dtype), dists, None, None
-
-
-def _selected_negatives(
-    block: RowBlock,
-    kind: MatrixKind,
-    neg_margin: float,
-    distance: BaseDistance,
-    select: Callable[[Tensor], Tensor],
-) -> _NegativeTerms:
-    """The negatives' losses that ``select`` keeps, from the whole block of distances."""
-    dists = distances_(kind, block.mat)
-    losses = block.fill_non_negatives_(distance.margin(neg_margin, dists).clamp_min_(0), 0.0)
-    # what the reducer keeps of the negatives, as 0/1 bytes (fast arithmetic, unlike bool)
-    keep = block.fill_non_negatives_(select(losses), False).view(torch.uint8)
-    losses.mul_(keep)
-    # relu's slope is 1 where a loss is positive: the sign of the kept losses
-    slope = losses.sign()
-    if int(torch.count_nonzero(slope)) * _FEW_NEGATIVES <= slope.numel():
-        rows, cols = torch.where(slope)
-        return losses.sum(), keep.sum(), slope[rows, cols], dists[rows, cols], rows, cols
-    return losses.sum(), keep.sum(), slope, dists, None, None
 
 
 def _add_entries(
@@ -181,19 +143,19 @@ def _add_entries(
 
 
 class _BlockwiseContrastive(torch.autograd.Function):
-    """``(B, D)`` queries and ``(R, D)`` references -> the kept positive and negative loss sums
-    and how many losses each kept (see :func:`contrastive_block_terms`), one block of rows at a
-    time.
+    """``(B, D)`` queries and ``(R, D)`` references -> scalars carrying the gradients of the
+    positive and negative sums that :func:`contrastive_block_terms` adds to the ``streams``, one
+    block of rows at a time (their values are not used).
 
     Each sum is a fixed sum over pairs, so the forward pass also computes the gradient of each
     sum with respect to the embeddings while the block is at hand (when a gradient is wanted at
     all): the backward pass only scales them. Nothing of size ``(B, R)`` outlives a block. Only
     the kept negatives have a gradient; when a block has few, they are handled as a list. When
-    the pairs are symmetric (:attr:`~deepmetric.losses._blockwise.PairBlocks.symmetric`), so are
+    the pairs are symmetric (:attr:`~deepmetric.pairwise.PairBlocks.symmetric`), so are
     the weights: each block adds both roles of its rows with one matrix product, and a large
     batch is read as the square tiles on and above the diagonal
-    (:meth:`~deepmetric.losses._blockwise.PairBlocks.tiles`), a tile off the diagonal counting
-    twice (its sums, and its gradients for its rows and its columns).
+    (:meth:`~deepmetric.pairwise.PairBlocks.tiles`), a tile off the diagonal counting
+    twice (its losses, and its gradients for its rows and its columns).
     """
 
     @staticmethod
@@ -204,9 +166,9 @@ class _BlockwiseContrastive(torch.autograd.Function):
         pairs: PairBlocks,
         kind: MatrixKind,
         loss: ContrastiveLoss,
-        select: Callable[[Tensor], Tensor] | None,
+        streams: tuple[ReductionStream, ReductionStream],
         need_grad: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         same = pairs.same_source
         # gradients of the negative and the positive sum, for the queries and the references
         # (with no separate reference set, one for both roles)
@@ -220,17 +182,15 @@ class _BlockwiseContrastive(torch.autograd.Function):
         # entries whose gradient is added from a list at the end: rows, columns, weights
         positives: tuple[list[Tensor], ...] = ([], [], [])
         few_negatives: tuple[list[Tensor], ...] = ([], [], [])
-        sums = query.new_zeros(2)
-        selected = torch.zeros(2, dtype=torch.long, device=query.device)
+        n_neg_added = 0
         matrix = MatrixBlocks(kind, query, ref, same)
         for r0, r1, c0, c1, mirrored in pairs.tiles(query.device):
             block = pairs.tile(matrix.tile(r0, r1, c0, c1, root=False), r0, r1, c0, c1)
-            terms = contrastive_block_terms(
-                block, kind, loss.pos_margin, loss.neg_margin, loss.distance, select
-            )
             copies = 2 if mirrored else 1  # a mirrored tile's pairs count for its transpose too
-            sums += copies * terms.sums
-            selected += copies * terms.selected
+            terms = contrastive_block_terms(
+                block, kind, loss.pos_margin, loss.neg_margin, loss.distance, streams, copies
+            )
+            n_neg_added += copies * terms.n_neg
             if not need_grad:
                 continue
             assert neg_query is not None
@@ -250,6 +210,9 @@ class _BlockwiseContrastive(torch.autograd.Function):
                 )
             weights = embedding_weight_(kind, terms.pos_grad, terms.pos_dists)
             _add_entries(positives, block.pos_rows + r0, block.pos_cols + c0, weights, mirrored)
+        # the negatives outside the margin: a zero loss each, which a reducer may count
+        if pairs.n_neg > n_neg_added:
+            streams[1].add_losses(query.new_zeros(1), counts=pairs.n_neg - n_neg_added)
         for entries, grad_query, grad_ref in (
             (positives, pos_query, pos_ref),
             (few_negatives, neg_query, neg_ref),
@@ -260,13 +223,11 @@ class _BlockwiseContrastive(torch.autograd.Function):
                     kind, query, ref, rows, cols, weights, grad_query, grad_ref, pairs.symmetric
                 )
         ctx.save_for_backward(*(torch.zeros(0) if g is None else g for g in grads))
-        ctx.mark_non_differentiable(selected)
-        return sums[0], sums[1], selected[0], selected[1]
+        zero = query.new_zeros(())
+        return zero, zero.clone()
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_pos: Tensor, grad_neg: Tensor, *unused: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_pos: Tensor, grad_neg: Tensor) -> tuple[Tensor | None, ...]:
         first_order_only()
         neg_query, neg_ref, pos_query, pos_ref = ctx.saved_tensors
         need_query, need_ref = ctx.needs_input_grad[:2]
@@ -302,11 +263,12 @@ class ContrastiveLoss(BaseMetricLossFunction):
 
     def compute_loss(self, batch: Batch) -> LossDict:
         if batch.indices_tuple is None:
-            if selects_elementwise(self.reducer) and fused_matrix_kind(self.distance) is not None:
-                return self._blockwise_loss(batch)
+            # a reducer that reduces blocks of losses: the pairs are streamed, never listed
+            pos_stream = self.reducer.stream("pos_loss", batch.embeddings)
+            neg_stream = self.reducer.stream("neg_loss", batch.embeddings)
+            if pos_stream is not None and neg_stream is not None:
+                return self._streamed_loss(batch, pos_stream, neg_stream)
             mat = self.distance(batch.embeddings, batch.ref_emb)
-            if reduces_by_selection(self.reducer):
-                return self._masked_loss(mat, *batch.masks())
             a1, p, a2, n = pairs_from_masks(*batch.masks())
             pos_dists, neg_dists = mat[a1, p], mat[a2, n]
         else:
@@ -326,7 +288,7 @@ class ContrastiveLoss(BaseMetricLossFunction):
         self, batch: Batch, a1: Tensor, p: Tensor, a2: Tensor, n: Tensor
     ) -> tuple[Tensor, Tensor]:
         """The distances of a miner's positive and negative pairs: one by one when there are
-        few of them (:func:`~deepmetric.losses._blockwise.few_pairs`), else read off the whole
+        few of them (:func:`~deepmetric.pairwise.few_pairs`), else read off the whole
         matrix."""
         if few_pairs(batch, len(a1) + len(a2)):
             dists = pair_distances(self.distance, batch, torch.cat([a1, a2]), torch.cat([p, n]))
@@ -334,56 +296,35 @@ class ContrastiveLoss(BaseMetricLossFunction):
         mat = self.distance(batch.embeddings, batch.ref_emb)
         return mat[a1, p], mat[a2, n]
 
-    def _blockwise_loss(self, batch: Batch) -> LossDict:
-        """All pairs of the labels, one block of rows of the matrix at a time, each sum reduced
-        by its counts: the fast path for the elementwise selecting reducers and the distances
-        of :func:`~deepmetric.losses._blockwise.fused_matrix_kind`."""
-        reducer = self.reducer
-        assert isinstance(reducer, SelectingReducer)
+    def _streamed_loss(
+        self, batch: Batch, pos_stream: ReductionStream, neg_stream: ReductionStream
+    ) -> LossDict:
+        """All pairs of the labels, added to the streams: one block of rows of the matrix at a
+        time for the distances of :func:`~deepmetric.pairwise.fused_matrix_kind`, the
+        whole ``(B, R)`` matrix (no index lists) for the others."""
         kind = fused_matrix_kind(self.distance)
-        assert kind is not None
-        pairs = PairBlocks(batch)
-        if pairs.n_pos <= 1 and pairs.n_neg <= 1:  # PML's rule: nothing to learn from
+        if kind is None:
+            pos_mask, neg_mask = batch.masks()
+            n_pos, n_neg = int(pos_mask.sum()), int(neg_mask.sum())
+        else:
+            pairs = PairBlocks(batch)
+            n_pos, n_neg = pairs.n_pos, pairs.n_neg
+        if n_pos <= 1 and n_neg <= 1:  # PML's rule: nothing to learn from
             return self.zero_losses("pos_loss", "neg_loss")
-        query, ref = normalized_inputs(self.distance, batch)
-        need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
-        with full_precision(query.device):
-            select = None if keeps_the_nonzero(reducer) else reducer.select
-            pos_sum, neg_sum, pos_selected, neg_selected = _BlockwiseContrastive.apply(
-                query, ref, pairs, kind, self, select, need_grad
+        if kind is None:
+            mat = self.distance(batch.embeddings, batch.ref_emb)
+            pos, neg = contrastive_pair_losses(
+                mat, mat, self.pos_margin, self.neg_margin, self.distance
             )
-        loss_dict: LossDict = {}
-        for name, total, selected, n_pairs in (
-            ("pos_loss", pos_sum, pos_selected, pairs.n_pos),
-            ("neg_loss", neg_sum, neg_selected, pairs.n_neg),
-        ):
-            if int(selected) == 0:  # nothing selected: zero, with a zero gradient
-                value = total * 0
-            else:
-                n_total = torch.tensor(n_pairs, device=selected.device)
-                value = total / reducer.divisor(selected, n_total).to(total.dtype)
-            loss_dict[name] = {
-                "losses": value,
-                "indices": None,
-                "reduction_type": "already_reduced",
-            }
-        return loss_dict
-
-    def _masked_loss(self, mat: Tensor, pos_mask: Tensor, neg_mask: Tensor) -> LossDict:
-        """All pairs of the labels, reduced straight from the ``(B, R)`` matrix (no index
-        lists): the fast path for the selecting reducers."""
-        reducer = self.reducer
-        assert isinstance(reducer, SelectingReducer)
-        if int(pos_mask.sum()) <= 1 and int(neg_mask.sum()) <= 1:  # PML's rule, as above
-            return self.zero_losses("pos_loss", "neg_loss")
-        pos, neg = contrastive_pair_losses(
-            mat, mat, self.pos_margin, self.neg_margin, self.distance
-        )
-        return {
-            name: {
-                "losses": reduce_masked(reducer, losses, mask),
-                "indices": None,
-                "reduction_type": "already_reduced",
-            }
-            for name, losses, mask in (("pos_loss", pos, pos_mask), ("neg_loss", neg, neg_mask))
-        }
+            pos_stream.add_losses(pos, pos_mask)
+            neg_stream.add_losses(neg, neg_mask)
+        else:
+            query, ref = normalized_inputs(self.distance, batch)
+            need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
+            with full_precision(query.device):
+                pos_gradient, neg_gradient = _BlockwiseContrastive.apply(
+                    query, ref, pairs, kind, self, (pos_stream, neg_stream), need_grad
+                )
+            pos_stream.carry(pos_gradient)
+            neg_stream.carry(neg_gradient)
+        return {"pos_loss": pos_stream, "neg_loss": neg_stream}

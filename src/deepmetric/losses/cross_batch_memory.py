@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_embeddings, check_indices_tuple, check_labels
-from .._pairs import pairs_from_masks, pairs_to_triplets, to_pairs
-from ..miners import BaseMiner, IndicesTuple
+from ..interfaces import IndicesTuple, Miner
+from ..pairwise import pairs_from_masks, pairs_to_triplets, to_pairs
 from ..reducers import zero_loss
 from .base import BaseMetricLossFunction, Batch, prepare_batch
 
@@ -79,7 +79,7 @@ def loss_excluding_self(
 
 
 def mine_excluding_self(
-    miner: BaseMiner,
+    miner: Miner,
     embeddings: Tensor,
     labels: Tensor,
     ref_emb: Tensor,
@@ -171,7 +171,7 @@ class CrossBatchMemory(nn.Module):
         loss: BaseMetricLossFunction,
         embedding_size: int,
         memory_size: int = 1024,
-        miner: BaseMiner | None = None,
+        miner: Miner | None = None,
     ) -> None:
         super().__init__()
         if not supports_ref_emb(loss):
@@ -179,7 +179,7 @@ class CrossBatchMemory(nn.Module):
                 "CrossBatchMemory needs a deepmetric loss that accepts ref_emb (a pair-based "
                 f"loss); {type(loss).__name__} does not"
             )
-        if miner is not None and not isinstance(miner, BaseMiner):
+        if miner is not None and not isinstance(miner, Miner):
             raise ValueError(f"miner must be a deepmetric miner, got {type(miner).__name__}")
         for name, value in (("embedding_size", embedding_size), ("memory_size", memory_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -17,14 +17,14 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from ..distances import BaseDistance
-from ..reducers import LossDict
-from ._blockwise import (
+from ..pairwise import (
     RowBlock,
     blockwise_row_losses,
     pair_blocks_to_learn_from,
     row_softmax_,
     sparse_softmax,
 )
+from ..reducers import LossDict
 from ._logsumexp import (
     at_most_one_pair_each,
     masked_logsumexp,

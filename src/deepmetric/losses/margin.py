@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from .._pairs import all_triplets, pairs_to_triplets, random_triplets
 from ..distances import BaseDistance
+from ..pairwise import all_triplets, pairs_to_triplets, positive_pair_chunks, random_triplets
 from ..reducers import (
     BaseReducer,
     DivisorReducer,
     LossDict,
     LossInfo,
-    SelectingReducer,
-    ThresholdReducer,
-    reduces_by_selection,
+    ReductionStream,
+    scalar_entry,
 )
 from .base import BaseMetricLossFunction, Batch, LossOptions
-
-# ``(low, high)`` bounds of the losses a SelectingReducer keeps; None is unbounded.
-Bounds = tuple[float | None, float | None]
 
 
 def margin_losses(
@@ -59,8 +55,9 @@ class MarginLoss(BaseMetricLossFunction):
     never enumerated: each positive pair of anchor ``a`` occurs in ``#negatives(a)`` triplets and
     each negative pair in ``#positives(a)``, so every sum and count the reducer needs is a
     weighted sum over the ``(B, R)`` matrix (memory ``O(B·R)``, same value and gradient). This
-    holds for :class:`DivisorReducer` and the selecting reducers (mean, sum, threshold,
-    average-non-zero); any other reducer gets the explicit triplets.
+    holds for every reducer that reduces a stream of blocks (:class:`DivisorReducer` and the
+    selecting reducers: mean, sum, threshold, average-non-zero); any other reducer gets the
+    explicit triplets.
 
     Shapes: embeddings ``(B, D)``, labels ``(B,)`` -> scalar; ``beta`` is ``(1,)`` or
     ``(num_classes,)``.
@@ -103,11 +100,14 @@ class MarginLoss(BaseMetricLossFunction):
         mat = self.distance(batch.embeddings, batch.ref_emb)
         betas = self._anchor_betas(batch, mat.dtype)
         if batch.indices_tuple is None and self.triplets_per_anchor == "all":
-            if _divides_by_loss_divisor(self.reducer):
-                return self._all_triplets_loss(mat, betas, *batch.masks(), bounds=None)
-            bounds = _selection_bounds(self.reducer)
-            if bounds is not None:
-                return self._all_triplets_loss(mat, betas, *batch.masks(), bounds=bounds)
+            # a reducer that reduces blocks of losses: the triplets are counted, never listed
+            margin_stream = self.reducer.stream("margin_loss", batch.embeddings)
+            reg_stream = self.reducer.stream("beta_reg_loss", batch.embeddings)
+            if margin_stream is not None and reg_stream is not None:
+                pos_mask, neg_mask = batch.masks()
+                return self._all_triplets_loss(
+                    mat, betas, pos_mask, neg_mask, margin_stream, reg_stream
+                )
         return self._explicit_triplets_loss(mat, betas, batch)
 
     # -- the per-anchor beta ----------------------------------------------------------------------
@@ -152,10 +152,10 @@ class MarginLoss(BaseMetricLossFunction):
     def _reg_info(self, beta: Tensor, anchors: Tensor, divisor: Tensor) -> LossInfo:
         """PML's ``beta_reg_loss`` entry: ``nu · beta`` once for a single beta, else per triplet."""
         if not self.learn_beta:
-            return {"losses": 0.0, "indices": None, "reduction_type": "already_reduced"}
+            return scalar_entry(0.0)
         if len(self.beta) == 1:
             single = self.beta.to(beta.dtype) * self.nu  # (1,)
-            return {"losses": single, "indices": None, "reduction_type": "already_reduced"}
+            return scalar_entry(single)
         info: LossInfo = {
             "losses": beta * self.nu,
             "indices": anchors,
@@ -166,19 +166,25 @@ class MarginLoss(BaseMetricLossFunction):
 
     # -- all triplets, reduced from the (B, R) matrix -------------------------------------------
     def _all_triplets_loss(
-        self, mat: Tensor, betas: Tensor, pos_mask: Tensor, neg_mask: Tensor, bounds: Bounds | None
+        self,
+        mat: Tensor,
+        betas: Tensor,
+        pos_mask: Tensor,
+        neg_mask: Tensor,
+        margin_stream: ReductionStream,
+        reg_stream: ReductionStream,
     ) -> LossDict:
-        """The reduced loss over every triplet of the masks, from per-pair weights.
+        """Every triplet of the masks, added to the streams from per-pair weights.
 
         Triplet ``(a, p, n)`` has loss ``pos[a, p] + neg[a, n]``. Its sum over the triplets a
-        reducer keeps is ``Σ c_pos · pos + Σ c_neg · neg`` over the matrix, where ``c_pos[a, p]``
+        stream keeps is ``Σ c_pos · pos + Σ c_neg · neg`` over the matrix, where ``c_pos[a, p]``
         counts the kept triplets that contain the positive pair ``(a, p)`` and ``c_neg[a, n]``
         those that contain the negative pair. The counts are constants, so autograd gives the
-        same gradient as the explicit sum.
-
-        ``bounds=None`` reduces like :class:`DivisorReducer`: every triplet is kept and the sum is
-        divided by the number of non-zero halves. Otherwise the triplets with
-        ``low < loss < high`` are kept, and the reducer's ``divisor`` gives the denominator.
+        same gradient as the explicit sum. A stream that keeps every loss needs no counting:
+        each positive pair of anchor ``a`` is in ``#negatives(a)`` triplets and each negative
+        pair in ``#positives(a)``; otherwise the triplets are visited one block of positive
+        pairs at a time (:func:`kept_triplet_counts`). The divisor stated to the streams is
+        PML's: the number of non-zero halves of all triplets.
         """
         n_pos = pos_mask.sum(dim=1)
         n_neg = neg_mask.sum(dim=1)
@@ -187,101 +193,57 @@ class MarginLoss(BaseMetricLossFunction):
         if int(n_triplets) == 0:
             return self.zero_losses("margin_loss", "beta_reg_loss")
         pos, neg = margin_losses(mat, mat, betas.unsqueeze(1), self.margin, self.distance)
-
-        if bounds is None:
-            # each positive pair (a, p) is in n_neg[a] triplets, each negative pair in n_pos[a]
-            pos_count = pos_mask * n_neg.unsqueeze(1)
-            neg_count = neg_mask * n_pos.unsqueeze(1)
-            divisor = (pos_count * (pos > 0)).sum() + (neg_count * (neg > 0)).sum()
-            n_kept = n_triplets
-        else:
-            low, high = bounds
-            pos_count = _partners_in_bounds(pos, neg, neg_mask, low, high) * pos_mask
-            neg_count = _partners_in_bounds(neg, pos, pos_mask, low, high) * neg_mask
-            n_kept = pos_count.sum()
-            divisor = cast(SelectingReducer, self.reducer).divisor(n_kept, n_triplets)
-
-        if int(n_kept) == 0 or float(divisor) == 0:
-            margin_value = (mat * 0).sum()
-        else:
-            kept_sum = (pos_count.to(mat.dtype) * pos).sum() + (neg_count.to(mat.dtype) * neg).sum()
-            margin_value = kept_sum / divisor.to(mat.dtype)
-        reg_value = self._all_triplets_reg(betas, triplets_per_anchor, divisor, bounds is None)
+        pos_count = pos_mask * n_neg.unsqueeze(1)
+        neg_count = neg_mask * n_pos.unsqueeze(1)
+        divisor = (pos_count * (pos > 0)).sum() + (neg_count * (neg > 0)).sum()
+        n_kept = n_triplets
+        if margin_stream.keep(pos.detach()) is not None:  # it keeps triplets by their loss
+            pos_count, neg_count, n_kept = kept_triplet_counts(
+                pos.detach(), neg.detach(), pos_mask, neg_mask, margin_stream
+            )
+        kept_sum = (pos_count.to(mat.dtype) * pos).sum() + (neg_count.to(mat.dtype) * neg).sum()
+        margin_stream.add(kept_sum, n_kept, n_triplets)
+        margin_stream.divide_by(divisor)
         return {
-            "margin_loss": _already_reduced(margin_value),
-            "beta_reg_loss": _already_reduced(reg_value),
+            "margin_loss": margin_stream,
+            "beta_reg_loss": self._all_triplets_reg(
+                betas, triplets_per_anchor, divisor, reg_stream
+            ),
         }
 
     def _all_triplets_reg(
-        self, betas: Tensor, triplets_per_anchor: Tensor, margin_divisor: Tensor, by_divisor: bool
-    ) -> Tensor | float:
+        self,
+        betas: Tensor,
+        triplets_per_anchor: Tensor,
+        margin_divisor: Tensor,
+        stream: ReductionStream,
+    ) -> LossInfo | ReductionStream:
         """``beta_reg_loss`` over all triplets: each anchor's ``nu · beta`` counted once per
         triplet it anchors, reduced as the explicit per-triplet entry would be."""
-        if not self.learn_beta:
-            return 0.0
-        if len(self.beta) == 1:
-            return (self.beta.to(betas.dtype) * self.nu).sum()
-        reg = betas * self.nu  # (B,)
-        weight = triplets_per_anchor
-        if by_divisor:
-            divisor = margin_divisor
-        else:
-            reducer = cast(SelectingReducer, self.reducer)
-            weight = weight * reducer.select(reg)
-            divisor = reducer.divisor(weight.sum(), triplets_per_anchor.sum())
-        if int(weight.sum()) == 0 or float(divisor) == 0:
-            return (reg * 0).sum()
-        return (weight.to(reg.dtype) * reg).sum() / divisor.to(reg.dtype)
+        if not self.learn_beta or len(self.beta) == 1:
+            return self._reg_info(betas, betas, margin_divisor)
+        stream.add_losses(betas * self.nu, counts=triplets_per_anchor)
+        stream.divide_by(margin_divisor)
+        return stream
 
 
-def _partners_in_bounds(
-    values: Tensor, partners: Tensor, partner_mask: Tensor, low: float | None, high: float | None
-) -> Tensor:
-    """``(B, R)`` counts: for each entry ``[a, j]``, how many ``k`` with ``partner_mask[a, k]``
-    have ``low < values[a, j] + partners[a, k] < high`` (None: unbounded). ``values`` and
-    ``partners`` are non-negative (they are relu outputs).
+def kept_triplet_counts(
+    pos: Tensor, neg: Tensor, pos_mask: Tensor, neg_mask: Tensor, stream: ReductionStream
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For the triplet losses ``pos[a, p] + neg[a, n]`` (``pos_mask[a, p]``, ``neg_mask[a, n]``)
+    that ``stream`` keeps (:meth:`~deepmetric.reducers.ReductionStream.keep`): how many contain
+    each positive pair, how many each negative pair, and how many there are. The triplets are
+    visited one block of positive pairs at a time (memory ``O(B·R)``).
 
-    Keeping everything, or the non-zero sums (``AvgNonZeroReducer``), is a count per row;
-    other bounds take two binary searches per entry in the sorted partners, ``O(B·R log R)``.
+    Shapes: ``(B, R)`` each -> ``(B, R)``, ``(B, R)`` int64 counts and a scalar.
     """
-    n_partners = partner_mask.sum(dim=1, keepdim=True)
-    if high is None and (low is None or low < 0):
-        return n_partners.expand_as(values)
-    if high is None and low == 0:
-        # a sum of two non-negative numbers is non-zero unless both are zero
-        nonzero_partners = (partner_mask & (partners > 0)).sum(dim=1, keepdim=True)
-        return torch.where(values > 0, n_partners, nonzero_partners)
-    # unusable partners sort last as +inf, which is never below a finite bound
-    ordered = partners.masked_fill(~partner_mask, float("inf")).sort(dim=1).values
-    if high is None:
-        below_high = n_partners.expand_as(values)
-    else:
-        below_high = torch.searchsorted(ordered, (high - values).contiguous(), side="left")
-    if low is None:
-        return below_high
-    at_most_low = torch.searchsorted(ordered, (low - values).contiguous(), side="right")
-    return (below_high - at_most_low).clamp_min(0)
-
-
-def _already_reduced(value: Tensor | float) -> LossInfo:
-    return {"losses": value, "indices": None, "reduction_type": "already_reduced"}
-
-
-def _divides_by_loss_divisor(reducer: BaseReducer) -> bool:
-    """True for :class:`DivisorReducer` (unless a subclass changed how it reduces)."""
-    return isinstance(reducer, DivisorReducer) and (
-        type(reducer).reduce_info is DivisorReducer.reduce_info
-    )
-
-
-def _selection_bounds(reducer: BaseReducer) -> Bounds | None:
-    """The ``(low, high)`` a selecting reducer keeps losses within, or None when the reducer is
-    not one whose selection is known (then the triplets are enumerated)."""
-    if not isinstance(reducer, SelectingReducer) or not reduces_by_selection(reducer):
-        return None
-    select = type(reducer).select
-    if select is SelectingReducer.select:  # keeps everything (mean, sum)
-        return (None, None)
-    if isinstance(reducer, ThresholdReducer) and select is ThresholdReducer.select:
-        return (reducer.low, reducer.high)
-    return None
+    pos_count = torch.zeros(pos.shape, dtype=torch.long, device=pos.device)
+    neg_count = torch.zeros_like(pos_count)
+    for anchors, positives in positive_pair_chunks(pos_mask, pos.shape[1]):
+        losses = pos[anchors, positives].unsqueeze(1) + neg[anchors]  # (c, R)
+        keep = stream.keep(losses)
+        valid = neg_mask[anchors]
+        keep = valid if keep is None else keep & valid
+        pos_count[anchors, positives] = keep.sum(dim=1)
+        neg_count.index_add_(0, anchors, keep.long())
+    return pos_count, neg_count, pos_count.sum()

@@ -9,16 +9,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._pairs import to_pairs
 from ..distances import BaseDistance, DotProductSimilarity, _to_float32, unit_rows, unit_rows_grad
-from ..reducers import LossDict
-from ._blockwise import (
+from ..pairwise import (
     MatrixKind,
+    add_block_embedding_grads_,
     as_compared,
     first_order_only,
     fused_matrix_kind,
     pairs_are_the_labels,
+    to_pairs,
 )
+from ..reducers import LossDict
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -125,9 +126,11 @@ class _InnerProductNPairs(torch.autograd.Function):
         n = len(softmax)
         grad_sim = softmax.mul_(grad_losses.unsqueeze(1))
         grad_sim.diagonal().sub_(grad_losses)
-        grad_rows = torch.empty_like(rows)
-        torch.mm(grad_sim, rows[n:], out=grad_rows[:n])
-        torch.mm(grad_sim.t(), rows[:n], out=grad_rows[n:])
+        grad_rows = torch.zeros_like(rows)
+        # inner products of the anchors' rows with the positives': G r and Gᵀ q
+        add_block_embedding_grads_(
+            MatrixKind.INNER_PRODUCT, rows[:n], rows[n:], 0, grad_sim, grad_rows[:n], grad_rows[n:]
+        )
         if norm:
             grad_rows = unit_rows_grad(grad_rows, rows, norm[0])
         query_shape, ref_shape = ctx.shapes

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from ..distances import BaseDistance, CosineSimilarity, LpDistance
-from ..reducers import BaseReducer, DivisorReducer, LossDict, LossInfo
+from ..reducers import BaseReducer, DivisorReducer, LossDict, LossInfo, scalar_entry
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -159,11 +159,7 @@ class ClassWeightLoss(BaseMetricLossFunction):
         """Add ``weight_reg_loss`` for the ``(num_classes, embedding_size)`` weights, if any."""
         if self.weight_regularizer is not None:
             penalty = self.weight_regularizer(weights) * self.weight_reg_weight
-            loss_dict["weight_reg_loss"] = {
-                "losses": penalty,
-                "indices": None,
-                "reduction_type": "already_reduced",
-            }
+            loss_dict["weight_reg_loss"] = scalar_entry(penalty)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
+from ..pairwise import PairBlocks, RowBlock, blockwise_row_losses
 from ..reducers import LossDict
-from ._blockwise import PairBlocks, RowBlock, blockwise_row_losses
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 # PML adds this to the weight of every column of a row before summing the weights.

@@ -26,8 +26,8 @@ from typing_extensions import Unpack
 
 from .._checks import check_embeddings, check_labels
 from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity
+from ..pairwise import MatrixKind, fused_matrix_kind
 from ..reducers import LossDict
-from ._blockwise import MatrixKind, fused_matrix_kind
 from .base import Batch
 from .proxy import (
     ClassWeightLoss,

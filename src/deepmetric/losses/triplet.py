@@ -9,17 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._pairs import all_triplets, pairs_to_triplets, positive_pair_chunks, random_triplets
 from ..distances import BaseDistance
-from ..reducers import (
-    AvgNonZeroReducer,
-    BaseReducer,
-    LossDict,
-    LossInfo,
-    SelectingReducer,
-    reduces_by_selection,
+from ..pairwise import (
+    all_triplets,
+    few_pairs,
+    pair_distances,
+    pairs_to_triplets,
+    positive_pair_chunks,
+    random_triplets,
 )
-from ._blockwise import few_pairs, pair_distances
+from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, ReductionStream
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
@@ -70,6 +69,8 @@ class TripletMarginLoss(BaseMetricLossFunction):
         return AvgNonZeroReducer()
 
     def compute_loss(self, batch: Batch) -> LossDict:
+        # a reducer that reduces blocks of losses: the triplets are streamed, never listed
+        stream = self.reducer.stream("loss", batch.embeddings)
         if batch.indices_tuple is not None and not self.swap:
             a, p, n = pairs_to_triplets(batch.indices_tuple)
             if len(a) == 0:
@@ -84,13 +85,11 @@ class TripletMarginLoss(BaseMetricLossFunction):
                 return {
                     "loss": {"losses": losses, "indices": (a, p, n), "reduction_type": "triplet"}
                 }
-            if isinstance(self.reducer, SelectingReducer) and reduces_by_selection(self.reducer):
-                # a miner's many triplets: streamed, nothing per triplet kept for the backward
+            if stream is not None:
+                # a miner's many triplets: nothing per triplet kept for the backward
                 mat = self.distance(batch.embeddings, batch.ref_emb)
-                value = self._streamed_listed_loss(mat, a, p, n, self.reducer)
-                return {
-                    "loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}
-                }
+                self._stream_listed_triplets(mat, a, p, n, stream)
+                return {"loss": stream}
 
         mat = self.distance(batch.embeddings, batch.ref_emb)
         # distances between positives and negatives, for swap: both index the reference set
@@ -98,17 +97,10 @@ class TripletMarginLoss(BaseMetricLossFunction):
         if self.swap and pn_mat is None:
             pn_mat = self.distance(batch.ref_emb)
 
-        if batch.indices_tuple is None and self.triplets_per_anchor == "all":
-            reducer = self.reducer
-            if isinstance(reducer, SelectingReducer) and reduces_by_selection(reducer):
-                pos_mask, neg_mask = batch.masks()
-                value = self._streamed_loss(mat, pn_mat, pos_mask, neg_mask, reducer)
-                info: LossInfo = {
-                    "losses": value,
-                    "indices": None,
-                    "reduction_type": "already_reduced",
-                }
-                return {"loss": info}
+        if batch.indices_tuple is None and self.triplets_per_anchor == "all" and stream is not None:
+            pos_mask, neg_mask = batch.masks()
+            self._stream_all_triplets(mat, pn_mat, pos_mask, neg_mask, stream)
+            return {"loss": stream}
 
         a, p, n = self._triplets(batch)
         if len(a) == 0:
@@ -130,31 +122,27 @@ class TripletMarginLoss(BaseMetricLossFunction):
             return all_triplets(pos_mask, neg_mask)
         return random_triplets(pos_mask, neg_mask, self.triplets_per_anchor)
 
-    def _streamed_loss(
+    def _stream_all_triplets(
         self,
         mat: Tensor,
         pn_mat: Tensor | None,
         pos_mask: Tensor,
         neg_mask: Tensor,
-        reducer: SelectingReducer,
-    ) -> Tensor:
-        """The reduced loss over all triplets, one block of positive pairs at a time.
+        stream: ReductionStream,
+    ) -> None:
+        """Add every triplet's loss to ``stream``, one block of positive pairs at a time.
 
-        For each block the per-triplet losses are computed without autograd; the reducer picks the
-        ones that count, and ``d loss / d violation`` (1 or 0 for relu, a sigmoid for softplus) is
-        scattered onto the ``(B, R)`` matrices: ``+`` at ``[a, p]``, ``-`` at ``[a, n]`` (or at
-        ``[p, n]`` where swap chose the positive-negative distance). The returned tensor has the
-        exact value, and a gradient equal to that of the explicit computation.
+        For each block the per-triplet losses are computed without autograd; the stream keeps
+        the ones that count, and ``d loss / d violation`` (1 or 0 for relu, a sigmoid for
+        softplus) is scattered onto the ``(B, R)`` matrices: ``+`` at ``[a, p]``, ``-`` at
+        ``[a, n]`` (or at ``[p, n]`` where swap chose the positive-negative distance). The
+        stream carries that gradient: the explicit computation's.
         """
         dist = mat.detach()
         pn_dist = pn_mat.detach() if (self.swap and pn_mat is not None) else None
         grad = torch.zeros_like(dist)
         grad_pn = torch.zeros_like(pn_dist) if pn_dist is not None else None
         sign = -1.0 if self.distance.is_inverted else 1.0
-        total = dist.new_zeros(())
-        n_selected = torch.zeros((), dtype=torch.long, device=dist.device)
-        n_total = torch.zeros((), dtype=torch.long, device=dist.device)
-
         for anchors, positives in positive_pair_chunks(pos_mask, dist.shape[1]):
             ap = dist[anchors, positives].unsqueeze(1)  # (c, 1)
             an = dist[anchors]  # (c, R)
@@ -163,13 +151,9 @@ class TripletMarginLoss(BaseMetricLossFunction):
                 pn = pn_dist[positives]  # (c, R)
                 use_pn = self.distance.smallest_dist(an, pn) != an
                 an = torch.where(use_pn, pn, an)
-            valid = neg_mask[anchors]
-            kept_sum, n_kept, slope = self._kept_losses(
-                self.distance.margin(ap, an) + self.margin, reducer, valid
+            slope = self._kept_slope(
+                self.distance.margin(ap, an) + self.margin, stream, neg_mask[anchors]
             )
-            total += kept_sum
-            n_selected += n_kept
-            n_total += valid.sum()
             grad.index_put_((anchors, positives), sign * slope.sum(dim=1), accumulate=True)
             if use_pn is not None and grad_pn is not None:
                 grad.index_add_(0, anchors, -sign * slope * ~use_pn)
@@ -177,70 +161,42 @@ class TripletMarginLoss(BaseMetricLossFunction):
             else:
                 grad.index_add_(0, anchors, -sign * slope)
 
-        surrogates = [(grad, mat)]
+        stream.carry((grad * mat).sum())
         if grad_pn is not None and pn_mat is not None:
-            surrogates.append((grad_pn, pn_mat))
-        return _reduced_with_gradient(total, n_selected, n_total, reducer, surrogates)
+            stream.carry((grad_pn * pn_mat).sum())
 
-    def _streamed_listed_loss(
-        self, mat: Tensor, a: Tensor, p: Tensor, n: Tensor, reducer: SelectingReducer
-    ) -> Tensor:
-        """The reduced loss over listed triplets, a chunk of them at a time, as
-        :meth:`_streamed_loss` computes it over all triplets: per-triplet losses without
-        autograd, ``d loss / d violation`` scattered onto the ``(B, R)`` matrix (``+`` at
-        ``[a, p]``, ``-`` at ``[a, n]``). Memory: the matrix twice and one chunk, where autograd
-        would keep several tensors of all ``T`` triplets for the backward pass."""
+    def _stream_listed_triplets(
+        self, mat: Tensor, a: Tensor, p: Tensor, n: Tensor, stream: ReductionStream
+    ) -> None:
+        """Add the listed triplets' losses to ``stream``, a chunk of them at a time, as
+        :meth:`_stream_all_triplets` adds all triplets: per-triplet losses without autograd,
+        ``d loss / d violation`` scattered onto the ``(B, R)`` matrix (``+`` at ``[a, p]``,
+        ``-`` at ``[a, n]``). Memory: the matrix twice and one chunk, where autograd would keep
+        several tensors of all ``T`` triplets for the backward pass."""
         dist = mat.detach()
         grad = torch.zeros_like(dist)
         sign = -1.0 if self.distance.is_inverted else 1.0
-        total = dist.new_zeros(())
-        n_selected = torch.zeros((), dtype=torch.long, device=dist.device)
         for start in range(0, len(a), _TRIPLET_CHUNK):
             part = slice(start, start + _TRIPLET_CHUNK)
             anchors, positives, negatives = a[part], p[part], n[part]
             violation = self.distance.margin(dist[anchors, positives], dist[anchors, negatives])
-            kept_sum, n_kept, slope = self._kept_losses(violation + self.margin, reducer, None)
-            total += kept_sum
-            n_selected += n_kept
+            slope = self._kept_slope(violation + self.margin, stream, None)
             slope.mul_(sign)
             grad.index_put_((anchors, positives), slope, accumulate=True)
             grad.index_put_((anchors, negatives), slope.neg_(), accumulate=True)
-        n_total = torch.tensor(len(a), device=dist.device)
-        return _reduced_with_gradient(total, n_selected, n_total, reducer, [(grad, mat)])
+        stream.carry((grad * mat).sum())
 
-    def _kept_losses(
-        self, violation: Tensor, reducer: SelectingReducer, valid: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Of the triplet losses of ``violation`` (relu, or softplus when smooth): the sum and
-        the number of those the reducer keeps (among the ``valid`` ones, if given), and
-        ``d loss / d violation`` of each, zero where not kept."""
+    def _kept_slope(
+        self, violation: Tensor, stream: ReductionStream, valid: Tensor | None
+    ) -> Tensor:
+        """Add the triplet losses of ``violation`` (relu, or softplus when smooth; the
+        ``valid`` ones, if given) to ``stream``; return ``d loss / d violation`` of each, zero
+        where the stream does not keep it."""
         losses = F.softplus(violation) if self.smooth_loss else F.relu(violation)
-        keep = reducer.select(losses)
-        if valid is not None:
-            keep = keep & valid
+        keep = stream.add_losses(losses, valid)
         slope = torch.sigmoid(violation) if self.smooth_loss else (violation > 0).to(losses.dtype)
-        # a masked sum rather than losses[keep]: no index list (5% of a semi-hard step)
-        return torch.where(keep, losses, 0).sum(), keep.sum(), slope.mul_(keep)
+        return slope if keep is None else slope.mul_(keep)
 
 
 # Triplets of a miner's list handled at once by TripletMarginLoss's streamed path.
 _TRIPLET_CHUNK = 1 << 20
-
-
-def _reduced_with_gradient(
-    total: Tensor,
-    n_selected: Tensor,
-    n_total: Tensor,
-    reducer: SelectingReducer,
-    surrogates: list[tuple[Tensor, Tensor]],
-) -> Tensor:
-    """``total / divisor`` (the reducer's rule) carrying the gradient ``Σ grad · mat / divisor``
-    for each ``(grad, mat)`` of ``surrogates`` (``grad`` computed without autograd, ``mat``
-    through it): the exact value with the gradient of the explicit computation. Zero with a
-    zero gradient when nothing is selected."""
-    mat = surrogates[0][1]
-    if int(n_selected) == 0:
-        return (mat * 0).sum()
-    divisor = reducer.divisor(n_selected, n_total).to(mat.dtype)
-    surrogate = sum((grad * m).sum() for grad, m in surrogates) / divisor
-    return total / divisor + (surrogate - surrogate.detach())

@@ -1,0 +1,138 @@
+"""The pair engine: what every pair-based loss and miner computes on, in one place.
+
+A loss or a miner compares ``(B, D)`` queries with ``(R, D)`` references (the queries themselves,
+a cross-batch memory, another rank's shard) through the ``(B, R)`` matrix of a distance, and
+through the pairs its labels or a miner's tuple define. This package holds:
+
+* :mod:`~deepmetric.pairwise.batch`: the validated inputs (:class:`Batch`, :func:`prepare_batch`);
+* :mod:`~deepmetric.pairwise.masks`: label masks, index tuples and triplet enumeration, in
+  bounded chunks;
+* :mod:`~deepmetric.pairwise.matrix`: the matrix of the *fusable* distances (Euclidean, squared
+  Euclidean, inner products: :func:`fused_matrix_kind`) one block of rows or tile at a time,
+  and the comparisons made on it before any square root (:func:`closer_than`);
+* :mod:`~deepmetric.pairwise.blocks`: a batch's pairs served by blocks of rows or tiles,
+  without any ``(B, R)`` mask built from labels (:class:`PairBlocks`, :class:`RowBlock`);
+* :mod:`~deepmetric.pairwise.gradients`: the embeddings' gradient of a weighted sum over the
+  matrix, for the Euclidean and the inner-product kinds: dense, by blocks, or from a list;
+* :mod:`~deepmetric.pairwise.rows`: per-row losses with a closed-form gradient, one block of
+  rows at a time (:func:`blockwise_row_losses`);
+* :mod:`~deepmetric.pairwise.listed`: the distances of a few listed pairs without the matrix
+  (:func:`pair_distances`).
+
+The fast paths cover the fusable distances; with any other distance a loss uses its autograd
+path, which gives the same values. The hand-written gradients are first-order only: a backward
+pass asked to build a graph (``create_graph=True``) raises rather than return a wrong one.
+Nothing here imports :mod:`deepmetric.losses` or :mod:`deepmetric.miners`: both import it.
+"""
+
+from .batch import (
+    Batch,
+    prepare_batch,
+)
+from .blocks import (
+    PairBlocks,
+    RowBlock,
+    pair_blocks_to_learn_from,
+    pairs_are_the_labels,
+)
+from .gradients import (
+    add_block_embedding_grads_,
+    add_pair_embedding_grads_,
+    embedding_grads,
+    embedding_weight_,
+    first_order_only,
+    sparse_product,
+)
+from .listed import (
+    PAIR_CHUNK_ELEMENTS,
+    PAIR_COST_IN_ENTRIES,
+    few_pairs,
+    pair_chunks,
+    pair_distances,
+)
+from .masks import (
+    CHUNK_ELEMENTS,
+    all_triplets,
+    at_most_one_pair_each,
+    label_masks,
+    masks_from_indices,
+    pairs_from_masks,
+    pairs_to_triplets,
+    positive_pair_chunks,
+    random_triplets,
+    same_label_pairs,
+    sample_in_rows,
+    to_pairs,
+    triplets_from_masks,
+)
+from .matrix import (
+    ACCELERATOR_BLOCK_ELEMENTS,
+    BLOCK_ELEMENTS,
+    MatrixBlocks,
+    MatrixKind,
+    as_compared,
+    closer_than,
+    cpu_block_elements,
+    distances_,
+    full_precision,
+    fused_matrix_kind,
+    normalized_inputs,
+    root_bound,
+    row_blocks,
+)
+from .rows import (
+    RowRule,
+    blockwise_row_losses,
+    row_softmax_,
+    sparse_softmax,
+)
+
+__all__ = [
+    "ACCELERATOR_BLOCK_ELEMENTS",
+    "BLOCK_ELEMENTS",
+    "Batch",
+    "CHUNK_ELEMENTS",
+    "MatrixBlocks",
+    "MatrixKind",
+    "PAIR_CHUNK_ELEMENTS",
+    "PAIR_COST_IN_ENTRIES",
+    "PairBlocks",
+    "RowBlock",
+    "RowRule",
+    "add_block_embedding_grads_",
+    "add_pair_embedding_grads_",
+    "all_triplets",
+    "as_compared",
+    "at_most_one_pair_each",
+    "blockwise_row_losses",
+    "closer_than",
+    "cpu_block_elements",
+    "distances_",
+    "embedding_grads",
+    "embedding_weight_",
+    "few_pairs",
+    "first_order_only",
+    "full_precision",
+    "fused_matrix_kind",
+    "label_masks",
+    "masks_from_indices",
+    "normalized_inputs",
+    "pair_blocks_to_learn_from",
+    "pair_chunks",
+    "pair_distances",
+    "pairs_are_the_labels",
+    "pairs_from_masks",
+    "pairs_to_triplets",
+    "positive_pair_chunks",
+    "prepare_batch",
+    "random_triplets",
+    "root_bound",
+    "row_blocks",
+    "row_softmax_",
+    "same_label_pairs",
+    "sample_in_rows",
+    "sparse_product",
+    "sparse_softmax",
+    "to_pairs",
+    "triplets_from_masks",
+]

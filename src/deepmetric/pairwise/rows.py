@@ -1,0 +1,134 @@
+"""Per-row losses over the matrix, one block of rows at a time, with a closed-form gradient;
+and the log-sum-exp with its gradient that the row rules are written with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distances import BaseDistance
+from .batch import Batch
+from .blocks import (
+    PairBlocks,
+    RowBlock,
+)
+from .gradients import (
+    embedding_grads,
+    embedding_weight_,
+    first_order_only,
+)
+from .matrix import (
+    MatrixBlocks,
+    MatrixKind,
+    full_precision,
+    fused_matrix_kind,
+    normalized_inputs,
+)
+
+RowRule = Callable[[RowBlock], tuple[Tensor, Tensor]]
+
+
+class _BlockwiseRowLosses(torch.autograd.Function):
+    """``(B, D)`` queries and ``(R, D)`` references -> ``(B,)`` per-row losses of ``rule``; the
+    forward pass keeps the ``(B, R)`` weight of :func:`embedding_weight_` for the backward pass
+    (:func:`embedding_grads` with the incoming gradient as row scale)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: Tensor,
+        ref: Tensor,
+        pairs: PairBlocks,
+        kind: MatrixKind,
+        rule: RowRule,
+        need_grad: bool,
+    ) -> Tensor:
+        losses = query.new_empty(len(query))
+        weight = query.new_empty(len(query), len(ref)) if need_grad else None
+        matrix = MatrixBlocks(kind, query, ref, pairs.same_source)
+        for start, stop in matrix.bounds():
+            mat = matrix.rows(start, stop)
+            block_losses, grad_mat = rule(pairs.block(mat, start, stop))
+            losses[start:stop] = block_losses
+            if weight is not None:
+                weight[start:stop] = embedding_weight_(kind, grad_mat, mat)
+        ctx.kind, ctx.same_source = kind, pairs.same_source
+        ctx.save_for_backward(query, ref, weight)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
+        first_order_only()
+        query, ref, weight = ctx.saved_tensors
+        with full_precision(query.device):
+            grads = embedding_grads(
+                ctx.kind, query, ref, weight, grad_losses, ctx.same_source, ctx.needs_input_grad[:2]
+            )
+        return *grads, None, None, None, None
+
+
+def blockwise_row_losses(
+    batch: Batch, distance: BaseDistance, rule: RowRule, pairs: PairBlocks
+) -> Tensor | None:
+    """Per-query losses ``(B,)`` of ``rule`` over the ``distance`` matrix of ``batch``, one block
+    of rows at a time, with the gradient that ``rule`` states; ``None`` when ``distance`` is not
+    one the blockwise path computes (:func:`fused_matrix_kind`): then use the general path.
+
+    ``rule`` receives each :class:`RowBlock` and returns the ``(c,)`` losses of its rows and
+    their ``(c, R)`` gradient with respect to its ``mat``; a row's loss may depend on that row
+    only.
+    """
+    kind = fused_matrix_kind(distance)
+    if kind is None:
+        return None
+    query, ref = normalized_inputs(distance, batch)
+    need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
+    with full_precision(query.device):
+        losses = _BlockwiseRowLosses.apply(query, ref, pairs, kind, rule, need_grad)
+    assert isinstance(losses, Tensor)
+    return losses
+
+
+def row_softmax_(x: Tensor, with_one: bool) -> tuple[Tensor, Tensor]:
+    """Row-wise ``log Σ_j exp(x_j)`` and the softmax weights behind it (its gradient),
+    overwriting ``x`` with the weights; entries of ``x`` that are ``-inf`` are left out.
+
+    With ``with_one`` a constant ``exp(0) = 1`` joins every sum (``log(1 + Σ exp(x_j))``, 0 for
+    an empty row); without, an empty row gives ``-inf``. The weights ``exp(x_j) / sum`` are 0 at
+    the left-out entries and in empty rows.
+
+    Shapes: ``x`` ``(c, R)`` -> ``(c,)`` log-sum-exps, ``(c, R)`` weights (``x``).
+    """
+    if x.shape[1] == 0:
+        shift = x.new_full((len(x), 1), float("-inf"))
+    else:
+        shift = x.amax(dim=1, keepdim=True)
+    shift = shift.clamp_min_(0) if with_one else shift.nan_to_num_(neginf=0.0)
+    x.sub_(shift).exp_()
+    total = x.sum(dim=1, keepdim=True)
+    if with_one:
+        total += torch.exp(-shift)
+    lse = (total.log() + shift).squeeze(1)
+    x.div_(total.clamp_min_(torch.finfo(x.dtype).tiny))
+    return lse, x
+
+
+def sparse_softmax(x: Tensor, rows: Tensor, n_rows: int, with_one: bool) -> tuple[Tensor, Tensor]:
+    """:func:`row_softmax_` for entries given as a list: ``x[k]`` sits in row ``rows[k]``.
+
+    Returns the ``(n_rows,)`` log-sum-exps (``log(1 + Σ exp)`` with ``with_one``, else ``-inf``
+    for an empty row) and the ``(n,)`` softmax weights of the entries. The work is proportional
+    to the number of entries, not to the width of the matrix.
+    """
+    shift = x.new_full((n_rows,), float("-inf"))
+    shift.scatter_reduce_(0, rows, x, reduce="amax")
+    shift = shift.clamp_min_(0) if with_one else shift.nan_to_num_(neginf=0.0)
+    exps = torch.exp(x - shift[rows])
+    total = torch.zeros_like(shift).index_add_(0, rows, exps)
+    if with_one:
+        total += torch.exp(-shift)
+    lse = total.log() + shift
+    return lse, exps / total[rows]
