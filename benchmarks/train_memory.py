@@ -6,8 +6,8 @@ dataset (issue 14: 50,000 photos at 224 px under 2 GB, within 20% of the same ru
 For each count, a folder of synthetic product photos at 224 px is generated once (cached under
 ``--data``), then one ``deepmetric train`` runs in a fresh process: one epoch of the small CNN at
 64 px with ``--num-workers`` decoding processes, then the scores and report of a finished run.
-A sampler reads the resident memory (RSS) of the command and of all its worker processes
-every 0.2 s; the table shows the peak of the command alone and of the whole process tree.
+A sampler reads the memory of the command (resident, RSS) and of its whole process tree
+(proportional set size, PSS: shared pages counted once) every 0.2 s; the table shows the peaks.
 Writes ``benchmarks/results/train_memory.json``.
 """
 
@@ -25,10 +25,14 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "train_memory.json"
 
 
-def _rss_mb(pid: int) -> float:
+def _memory_mb(pid: int, field: str) -> float:
+    """``VmRSS`` (resident) from ``/proc/PID/status``, or ``Pss`` (proportional: pages shared
+    by several processes split between them, so a tree's sum counts torch's libraries once)
+    from ``/proc/PID/smaps_rollup``."""
+    source = "status" if field == "VmRSS" else "smaps_rollup"
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -54,8 +58,9 @@ def measure(command: list[str]) -> dict[str, float]:
 
     def sample() -> None:
         while process.poll() is None:
-            main = _rss_mb(process.pid)
-            tree = main + sum(_rss_mb(c) for c in _children(process.pid))
+            main = _memory_mb(process.pid, "VmRSS")
+            tree = _memory_mb(process.pid, "Pss")
+            tree += sum(_memory_mb(c, "Pss") for c in _children(process.pid))
             peaks["main"], peaks["tree"] = max(peaks["main"], main), max(peaks["tree"], tree)
             time.sleep(0.2)
 
@@ -95,14 +100,14 @@ def main() -> None:
         rows.append(row)
         print(
             f"{count:>7} images: peak RSS {row['main']:.0f} MB (command), "
-            f"{row['tree']:.0f} MB (with workers), {row['seconds']:.0f} s"
+            f"PSS {row['tree']:.0f} MB (with workers), {row['seconds']:.0f} s"
         )
     base = rows[0]
-    print("\nimages   command MB   tree MB   vs first   seconds")
+    print("\nimages   command RSS MB   tree PSS MB   vs first   seconds")
     for row in rows:
         ratio = row["tree"] / base["tree"]
         print(
-            f"{row['images']:>7}   {row['main']:>9.0f}   {row['tree']:>7.0f}   {ratio:>7.2f}x"
+            f"{row['images']:>7}   {row['main']:>13.0f}   {row['tree']:>11.0f}   {ratio:>7.2f}x"
             f"   {row['seconds']:>7.0f}"
         )
     RESULTS.parent.mkdir(exist_ok=True)

@@ -4,6 +4,7 @@ path, edge cases and bad input."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers as pml_reducers
 from pytorch_metric_learning import regularizers as pml_regularizers
 
-from deepmetric import distances, losses, pairwise, reducers, regularizers
+from deepmetric import distances, losses, miners, pairwise, reducers, regularizers
 from tests.parity import assert_same_loss, pk_labels, value_and_grad
 
 CASES = [
@@ -369,3 +370,49 @@ def test_triplet_streams_a_miners_many_triplets_in_chunks(
     assert value == pytest.approx(float(expected), rel=1e-12)
     assert e.grad is not None
     torch.testing.assert_close(grad, e.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_reference_set_in_another_dtype_is_a_value_error() -> None:
+    emb, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(
+        ValueError, match="ref_emb is torch.float64 but embeddings are torch.float32"
+    ):
+        losses.TripletMarginLoss()(emb, labels, ref_emb=emb.double(), ref_labels=labels)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    exponent=st.integers(-30, 300),
+    dim=st.sampled_from([2, 16, 128]),
+    name=st.sampled_from(["ContrastiveLoss", "TripletMarginLoss", "MultiSimilarityLoss"]),
+    miner=st.booleans(),
+)
+def test_any_dtype_and_scale_gives_a_finite_loss_or_a_value_error(
+    dtype: torch.dtype, exponent: int, dim: int, name: str, miner: bool
+) -> None:
+    """Embeddings of every floating dtype at scales from 1e-30 to 1e300: either refused with a
+    ValueError naming the problem, or a finite loss and gradient; a refusal happens exactly
+    when the squared distances would overflow the dtype they are computed in."""
+    g = torch.Generator().manual_seed(exponent * 7 + dim)
+    raw = torch.randn(12, dim, generator=g, dtype=torch.float64) * 10.0**exponent
+    labels = torch.arange(12) % 3
+    if not torch.isfinite(raw.to(dtype)).all():
+        return  # not representable in this dtype at all: nothing reaches the loss
+    emb = raw.to(dtype).requires_grad_(True)
+    computed = torch.float64 if dtype == torch.float64 else torch.float32
+    largest = float(emb.detach().abs().max())
+    limit = math.log(torch.finfo(computed).max)
+    overflows = largest > 0 and 2 * math.log(largest) + math.log(4 * dim) >= limit
+    distance = distances.LpDistance(normalize_embeddings=False)
+    loss_fn = getattr(losses, name)(distance=distance)
+    try:
+        tuples = miners.MultiSimilarityMiner(distance=distance)(emb, labels) if miner else None
+        value = loss_fn(emb, labels, tuples)
+    except ValueError as error:
+        assert overflows, f"refused without overflow: {error}"
+        assert "overflow" in str(error)
+        return
+    assert not overflows
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(emb.grad.float()).all()

@@ -97,6 +97,11 @@ def prepare_batch(
                 f"ref_emb has dimension {ref_emb.shape[1]} but embeddings have "
                 f"{embeddings.shape[1]}"
             )
+        if ref_emb.dtype != embeddings.dtype:
+            raise ValueError(
+                f"ref_emb is {ref_emb.dtype} but embeddings are {embeddings.dtype}: pass both in "
+                "one dtype (e.g. ref_emb.to(embeddings.dtype))"
+            )
         if ref_emb.device != embeddings.device:
             raise ValueError(
                 f"ref_emb is on {ref_emb.device} but embeddings are on {embeddings.device}"
