@@ -25,21 +25,6 @@ def run_cli(argv: Sequence[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run trained for one epoch on digits with a small network (a few seconds)."""
-    root = tmp_path_factory.mktemp("run")
-    config = root / "run.yaml"
-    config.write_text(
-        "dataset: digits\ntest_classes: 0.4\nval_classes: 0.0\nrotations: false\n"
-        "model: {channels: 16, blocks: 2, embedding_size: 16}\n"
-        "loss: {name: ContrastiveLoss}\nminer: null\n"
-        f"train: {{epochs: 1, p: 3, k: 8, seed: 0}}\nout: {root / 'run'}\n"
-    )
-    assert cli.main(["train", "--config", str(config), "--no-progress"]) == 0
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
 def index_dir(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("index") / "digits.index"
     assert run_cli(["index", "build", "--run", run_dir, "--dataset", "digits", "--out", out]) == 0

@@ -24,21 +24,6 @@ def run_cli(argv: Sequence[object]) -> int:
     return cli.main([str(a) for a in argv])
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run trained for one epoch on digits with a small network (a few seconds)."""
-    root = tmp_path_factory.mktemp("run")
-    config = root / "run.yaml"
-    config.write_text(
-        "dataset: digits\ntest_classes: 0.4\nval_classes: 0.0\nrotations: false\n"
-        "model: {channels: 16, blocks: 2, embedding_size: 16}\n"
-        "loss: {name: ContrastiveLoss}\nminer: null\n"
-        f"train: {{epochs: 1, p: 3, k: 8, seed: 0}}\nout: {root / 'run'}\n"
-    )
-    assert cli.main(["train", "--config", str(config), "--no-progress"]) == 0
-    return root / "run"
-
-
 def add_people(root: Path, names: Sequence[str], seed: int = 0) -> list[Path]:
     """One 16x16 image per name in ``root/<name>/photo.png`` (distinct blocky patterns)."""
     rng = np.random.default_rng(seed)

@@ -45,7 +45,9 @@ from ._config import build_dataclass
 from .io import atomic_write_text
 
 __all__ = [
+    "METRIC_NAMES",
     "PROJECTIONS",
+    "RETRIEVAL_METRICS",
     "ModelConfig",
     "RunConfig",
     "TrainConfig",
@@ -242,6 +244,19 @@ RETRIEVAL_METRICS = (
     "r_precision",
     "mean_average_precision_at_r",
 )
+
+
+#: One display name per retrieval metric, in the result table, ``evaluate``, the report and
+#: its curves (the keys are the AccuracyCalculator's, used by ``metrics.jsonl`` and
+#: ``train.metric``).
+METRIC_NAMES = {
+    "precision_at_1": "Recall@1",
+    "recall_at_2": "Recall@2",
+    "recall_at_4": "Recall@4",
+    "recall_at_8": "Recall@8",
+    "r_precision": "R-precision",
+    "mean_average_precision_at_r": "MAP@R",
+}
 
 
 @dataclass

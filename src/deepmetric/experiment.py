@@ -41,7 +41,6 @@ from .transforms import EvalTransform
 
 __all__ = [
     "demo_config",
-    "METRIC_NAMES",
     "format_table",
     "launch_experiment",
     "one_shot_accuracies",
@@ -62,17 +61,6 @@ def one_shot_accuracies(embed_fn: Any, runs: Sequence[Any]) -> list[float]:
         accuracies.append(float((predicted == run.query_labels).float().mean()))
     return accuracies
 
-
-#: One name per retrieval metric, in the result table, ``evaluate`` and the report (the
-#: AccuracyCalculator's keys, used by ``metrics.jsonl`` and ``train.metric``, on the left).
-METRIC_NAMES = {
-    "precision_at_1": "Recall@1",
-    "recall_at_2": "Recall@2",
-    "recall_at_4": "Recall@4",
-    "recall_at_8": "Recall@8",
-    "r_precision": "R-precision",
-    "mean_average_precision_at_r": "MAP@R",
-}
 
 #: How many random choices of the enrolled image the 1-shot identification averages over.
 ONE_SHOT_DRAWS = 10

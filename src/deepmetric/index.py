@@ -80,6 +80,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import check_embeddings, check_labels
+from .io import fsync_directory
 
 # faiss's bundled type stubs lag behind its SWIG API (no SearchParametersHNSW, no DirectMap, no
 # array constructor for IDSelectorBitmap), so it is used untyped.
@@ -754,7 +755,7 @@ class EmbeddingIndex:
             for path in created:
                 path.unlink(missing_ok=True)
             raise
-        _fsync_directory(folder)
+        fsync_directory(folder)
         for name in sorted(previously_owned - {index_name, items_name}):
             (folder / name).unlink(missing_ok=True)
 
@@ -1110,17 +1111,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Persist the renames in ``folder`` (a no-op where directories cannot be opened)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from .config import METRIC_NAMES  # noqa: E402
 from .io import atomic_write, atomic_write_json  # noqa: E402
 from .verification import evaluate_labelled_set, plot_verification  # noqa: E402
 
@@ -52,18 +53,6 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-#: How the report names the retrieval metrics of ``metrics.jsonl`` (the names of the result
-#: table and of ``deepmetric evaluate``).
-METRIC_LABELS = {
-    "precision_at_1": "Recall@1",
-    "recall_at_2": "Recall@2",
-    "recall_at_4": "Recall@4",
-    "recall_at_8": "Recall@8",
-    "r_precision": "R-precision",
-    "mean_average_precision_at_r": "MAP@R",
-}
-
-
 def plot_curves(records: Sequence[dict[str, float]], path: Path) -> Path:
     """Training loss and every ``val_*`` metric against the epoch."""
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -74,7 +63,7 @@ def plot_curves(records: Sequence[dict[str, float]], path: Path) -> Path:
     for key in val_keys:
         points = [(r["epoch"], r[key]) for r in records if key in r]
         name = key[4:]
-        ax_val.plot(*zip(*points, strict=True), marker="o", label=METRIC_LABELS.get(name, name))
+        ax_val.plot(*zip(*points, strict=True), marker="o", label=METRIC_NAMES.get(name, name))
     ax_val.set(xlabel="epoch", ylabel="score", title="Validation (classes not trained on)")
     if val_keys:
         ax_val.legend(fontsize=7)

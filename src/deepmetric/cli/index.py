@@ -63,7 +63,7 @@ from ..verification import (
     plot_verification,
 )
 
-__all__ = ["TrainedRun", "load_image", "load_run", "load_run_dataset"]
+__all__ = ["TrainedRun", "embed_for_run", "load_image", "load_run", "load_run_dataset"]
 
 
 # -- a trained run and its inputs -----------------------------------------------------------------
@@ -156,7 +156,7 @@ def load_image(path: str | Path, run: TrainedRun) -> Tensor:
     return _eval_transform(run)(image, None)[None]
 
 
-def _embed(run: TrainedRun, data: Any, progress: bool = True) -> Embedded:
+def embed_for_run(run: TrainedRun, data: Any, progress: bool = True) -> Embedded:
     """:func:`deepmetric.inference.embed_dataset` with the run's batch size and workers."""
     return embed_dataset(
         run.model,
@@ -247,7 +247,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     dataset = load_run_dataset(args.dataset, run)
     if index.kind == "ivf":
         _check_ivf_can_train(index.nlist, len(dataset), args.dataset)
-    embedded = _embed(run, dataset)
+    embedded = embed_for_run(run, dataset)
     index.fingerprint = run.fingerprint  # search and enroll refuse any other model
     index.add(
         embedded.embeddings,
@@ -357,7 +357,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         run = load_run(args.run, args.checkpoint)
         _check_same_model(index, run, args.index, args.run)
         dataset = load_run_dataset(args.dataset, run)
-        embedded = _embed(run, dataset, progress=False)
+        embedded = embed_for_run(run, dataset, progress=False)
         queries: Tensor | np.ndarray = embedded.embeddings
         query_labels, query_names = _labels(embedded), dataset.class_names
         paths = getattr(dataset, "paths", None)
@@ -414,7 +414,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             new_names.append(name)
             next_label += 1
     mapping = torch.tensor([label_of.get(name, -1) for name in dataset.class_names])
-    embedded = _embed(run, dataset)
+    embedded = embed_for_run(run, dataset)
     ids = index.add(
         embedded.embeddings,
         mapping[_labels(embedded)],
@@ -500,7 +500,7 @@ def calibrate(
     the Euclidean distance of their embeddings and compute the verification metrics."""
     if pairs < 1:
         raise ValueError(f"--pairs must be a positive integer, got {pairs}")
-    embedded = _embed(run, dataset)
+    embedded = embed_for_run(run, dataset)
     return evaluate_labelled_set(
         embedded.embeddings,
         _labels(embedded),

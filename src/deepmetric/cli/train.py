@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from .._launch import launcher_rank
-from ..config import RunConfig, TrainConfig, load_config, parse_yaml
+from ..config import METRIC_NAMES, RunConfig, TrainConfig, load_config, parse_yaml
 from ..experiment import (
-    METRIC_NAMES,
     demo_config,
     format_table,
     launch_experiment,
@@ -27,12 +26,11 @@ from ..experiment import (
     oneshot_config,
     run_experiment,
 )
-from ..inference import embed_dataset
 from ..io import atomic_write, atomic_write_text
 from ..models import EmbeddingNet
 from ..runs import build_data
 from ..training import TrainingInterrupted, retrieval_metrics
-from .index import TrainedRun, load_run, load_run_dataset
+from .index import TrainedRun, embed_for_run, load_run, load_run_dataset
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -166,13 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         split = f"the run's test classes ({run.config.dataset})"
     scores: dict[str, Any] = {"run": str(args.run), "checkpoint": args.checkpoint, "data": split}
     if len(test_set):  # (the one-shot benchmark holds out no test classes)
-        embedded = embed_dataset(
-            run.model,
-            test_set,
-            batch_size=run.config.train.embed_batch_size,
-            num_workers=run.config.train.num_workers,
-            progress=not args.no_progress,
-        )
+        embedded = embed_for_run(run, test_set, progress=not args.no_progress)
         assert embedded.labels is not None
         scores["images"] = len(embedded.embeddings)
         scores["classes"] = len(set(embedded.labels.tolist()))
@@ -197,13 +189,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     run = load_run(args.run, args.checkpoint)
     spec = args.dataset or run.config.dataset
     dataset = load_run_dataset(spec, run)
-    embedded = embed_dataset(
-        run.model,
-        dataset,
-        batch_size=run.config.train.embed_batch_size,
-        num_workers=run.config.train.num_workers,
-        progress=not args.no_progress,
-    )
+    embedded = embed_for_run(run, dataset, progress=not args.no_progress)
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out must name a .npy file, got {out}")

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .._sync_batchnorm import convert_sync_batchnorm
+from ..config import RETRIEVAL_METRICS
 from ..distributed import (
     DistributedLossWrapper,
     DistributedMinerWrapper,
@@ -43,15 +44,6 @@ from .config import TrainConfig
 from .loading import train_loader
 from .plugins import HDMLStep, StepPlugin
 from .steps import autocast_dtype, cached_gradient_step, freeze_batchnorm
-
-RETRIEVAL_METRICS = (
-    "precision_at_1",
-    "recall_at_2",
-    "recall_at_4",
-    "recall_at_8",
-    "r_precision",
-    "mean_average_precision_at_r",
-)
 
 
 def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
