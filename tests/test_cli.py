@@ -194,3 +194,59 @@ def test_oneshot_scores_the_twenty_official_runs_with_the_final_weights(
     # the per-run table: runs 1..20, one column per embedding
     lines = printed.splitlines()
     assert all(any(line.startswith(f"{i:>3}   ") for line in lines) for i in range(1, 21))
+
+
+def test_help_is_instant_and_explains_itself() -> None:
+    """Parsing imports neither torch nor a model: ``--help`` needs no heavy import."""
+    import subprocess
+    import sys
+
+    probe = "import sys, deepmetric.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+    version = subprocess.run(
+        [sys.executable, "-m", "deepmetric", "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and version.stdout.startswith("deepmetric ")
+    text = subprocess.run(
+        [sys.executable, "-m", "deepmetric", "train", "--help"], capture_output=True, text=True
+    ).stdout
+    assert "``" not in text  # no RST markup in the help
+    for flag in ("--epochs", "--p", "--metric", "--scheduler", "--dataset", "--trunk"):
+        assert flag in text
+    assert "folder:PATH" in text and "[cosine]" in text
+
+
+def test_ctrl_c_saves_the_run_and_resume_finishes_it(tmp_path: Path) -> None:
+    """SIGINT in the middle of ``deepmetric train``: a message, exit code 130, a resumable
+    last.pt; the same command with --resume ends the run with every epoch logged once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "deepmetric", "train", "--dataset", "digits", "--out", str(out),
+        "--no-progress", "--epochs", "3", "--p", "3", "--k", "8", "--test-classes", "0.4",
+        "--val-classes", "0", "--set", "model.channels=8", "--set", "model.blocks=2",
+        "--embedding-size", "8", "--checkpoint-every", "5", "--miner", "none",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "last.pt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=240)
+    if process.returncode == 0:  # finished before the signal arrived: nothing to test
+        pytest.skip("the run ended before the interruption")
+    assert process.returncode == 130, error
+    assert "interrupted by SIGINT" in error and "--resume" in error
+    assert "Traceback" not in error
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in lines]
+    assert epochs == [1, 2, 3]
+    assert (out / "results.json").is_file()

@@ -547,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(f"{__name__}.{module_name}")
     from .._launch import ProcessFailedError
     from .._malloc import keep_freed_memory
+    from ..training import TrainingInterrupted
 
     keep_freed_memory()  # no page faults on every step's large buffers (see _malloc)
     try:
@@ -557,6 +558,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProcessFailedError as error:  # its own message is printed above
         print(f"deepmetric: error: {error}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stop:
+        hint = (
+            " (run the same command with --resume to continue)" if args.command == "train" else ""
+        )
+        print(f"deepmetric: {stop}{hint}", file=sys.stderr)
+        return 130  # the shell's code for a run ended by Ctrl-C
 
 
 def __getattr__(name: str) -> Any:

@@ -29,7 +29,7 @@ from ..experiment import (
 from ..io import atomic_write, atomic_write_text
 from ..models import EmbeddingNet
 from ..runs import build_data
-from ..training import TrainingInterrupted, retrieval_metrics
+from ..training import retrieval_metrics
 from .index import TrainedRun, embed_for_run, load_run, load_run_dataset
 
 
@@ -39,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config.train.progress = not args.no_progress
     if launcher_rank() == 0:
         print(f"deepmetric demo: {config.dataset}, {config.train.epochs} epochs -> {config.out}")
-    results = _launch(config, args.nproc, args.dist_timeout, "overwrite")
+    results = launch_experiment(config, args.nproc, args.dist_timeout, "overwrite")
     if results is None:  # a torchrun process other than rank 0
         return 0
     _print_results(config, results)
@@ -107,18 +107,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.from_dict(values)
 
 
-def _launch(config: RunConfig, nproc: int | None, timeout: float, mode: str) -> Any:
-    """:func:`launch_experiment`, with an interruption (Ctrl-C, SIGTERM) turned into a message
-    that says how to continue."""
-    try:
-        return launch_experiment(config, nproc, timeout, mode)
-    except TrainingInterrupted as stop:
-        raise ValueError(
-            f"{stop}; the run is saved in {config.out}: continue it with the same command and "
-            "--resume"
-        ) from stop
-
-
 def _print_results(config: RunConfig, results: dict[str, Any]) -> None:
     print()
     print(format_table(results["table"]))
@@ -134,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "auto"
     if launcher_rank() == 0:
         print(f"deepmetric train: {config.dataset}, trunk {config.model.trunk} -> {config.out}")
-    results = _launch(config, args.nproc, args.dist_timeout, mode)
+    results = launch_experiment(config, args.nproc, args.dist_timeout, mode)
     if results is None:  # a torchrun process other than rank 0
         return 0
     _print_results(config, results)
