@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import shutil
 import statistics
 import tempfile
@@ -259,7 +260,13 @@ def main() -> None:
     ]
     headers = ["case", "PxK", "deepmetric img/s", "plain img/s", "ratio", "last.pt", "loader img/s"]
     print(format_table(headers, rows))
-    write_json(RESULTS, {"machine": machine_info(args.threads, "cpu"), "results": results})
+    # cases measured before (another --cases) are kept, each with the machine it ran on
+    machine = machine_info(args.threads, "cpu")
+    kept = []
+    if RESULTS.is_file():
+        measured = {r["case"] for r in results}
+        kept = [r for r in json.loads(RESULTS.read_text())["results"] if r["case"] not in measured]
+    write_json(RESULTS, {"results": kept + [{**r, "machine": machine} for r in results]})
 
 
 if __name__ == "__main__":
