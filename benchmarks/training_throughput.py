@@ -16,7 +16,10 @@ drift of the machine's load falls on both), each round one epoch of P×K batches
 Cases: ``small``: :class:`~deepmetric.models.SmallConvNet` (64 channels, 4 blocks) at 28×28
 grey on Omniglot (shipped with the package), P×K = 32×4; ``resnet18``: a ResNet-18-shaped
 trunk (written below: torchvision does not import beside this torch) at 112×112 RGB on random
-images, P×K = 8×4 (the CPU would take minutes per epoch at 32×4).
+images, P×K = 8×4 (the CPU would take minutes per epoch at 32×4); ``small-lazy``: the small
+case's images written as PNG files and decoded in 2 ``DataLoader`` workers on both sides (the
+trainer passes a seed per sample, its random transform a horizontal flip; the plain loop reads
+the same files with integer keys), with the loader's own rate (an epoch of batches, no steps).
 
 Run: ``python benchmarks/training_throughput.py [--cases small resnet18] [--rounds 7]``. Prints
 a table and writes ``benchmarks/results/training_throughput.json``. Numbers on a machine shared
@@ -26,6 +29,9 @@ with other jobs are indicative: the spread (min-max of the rounds) says how much
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -33,12 +39,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from _common import format_table, machine_info, write_json
+from PIL import Image
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from deepmetric import data, models
 from deepmetric.samplers import PKSampler
@@ -85,16 +93,46 @@ def resnet18_trunk() -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def case_setup(name: str) -> tuple[Callable[[], nn.Module], data.ArrayDataset, int, int]:
+class LazyPNGs(Dataset[tuple[Tensor | None, int, int]]):
+    """Grey PNG files decoded on each access, to the contract of deepmetric's lazy datasets:
+    ``ds[(i, seed)]`` flips at random (seeded), ``ds[i]`` does not."""
+
+    accepts_sample_seeds = True
+
+    def __init__(self, images: data.ArrayDataset) -> None:
+        folder = Path(tempfile.mkdtemp(prefix="throughput-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        self.paths = []
+        for i, image in enumerate(images.x):
+            path = folder / f"{i}.png"
+            Image.fromarray((image[0].numpy() * 255).astype(np.uint8)).save(path)
+            self.paths.append(path)
+        self.labels = images.labels
+        self.class_names = images.class_names
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor | None, int, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        with Image.open(self.paths[index]) as image:
+            x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)
+        if seed is not None and torch.rand(1, generator=torch.Generator().manual_seed(seed)) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index]), index
+
+
+def case_setup(name: str) -> tuple[Callable[[], nn.Module], Dataset[Any], int, int]:
     """``(model factory, dataset, p, k)`` of a case."""
-    if name == "small":
+    if name in ("small", "small-lazy"):
         omniglot = data.load_omniglot(28)
         keep = torch.where(omniglot.labels < 64)[0]  # 64 classes x 20: 10 batches an epoch
 
         def small() -> nn.Module:
             return models.EmbeddingNet(models.SmallConvNet(1, 64, 4), 64, embedding_size=128)
 
-        return small, omniglot.subset(keep), 32, 4
+        images = omniglot.subset(keep)
+        return small, LazyPNGs(images) if name == "small-lazy" else images, 32, 4
     if name == "resnet18":
         generator = torch.Generator().manual_seed(0)
         x = torch.rand(96, 3, 112, 112, generator=generator)  # 3 batches of 8 x 4
@@ -109,6 +147,8 @@ def case_setup(name: str) -> tuple[Callable[[], nn.Module], data.ArrayDataset, i
 
 def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
     factory, dataset, p, k = case_setup(name)
+    if name.endswith("-lazy"):
+        workers = max(workers, 2)
     torch.manual_seed(0)
     config = TrainConfig(epochs=rounds + 1, p=p, k=k, progress=False, num_workers=workers)
     trainer = Trainer(
@@ -125,16 +165,18 @@ def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
     loss_fn = pml_losses.TripletMarginLoss(margin=0.1)
     miner = pml_miners.MultiSimilarityMiner()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    labels: Tensor = dataset.labels  # type: ignore[attr-defined]
     loader = DataLoader(
         dataset,
-        batch_sampler=PKSampler(dataset.labels, p, k, seed=0),
+        batch_sampler=PKSampler(labels, p, k, seed=0),
         num_workers=workers,
         persistent_workers=workers > 0,
     )
 
     def plain_epoch() -> None:
         model.train()
-        for x, y in loader:
+        for batch in loader:
+            x, y = batch[0], batch[1]
             optimizer.zero_grad(set_to_none=True)
             embeddings = model(x)
             loss_fn(embeddings, y, miner(embeddings, y)).backward()
@@ -162,6 +204,10 @@ def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
         save_seconds = time.perf_counter() - start
         checkpoint_mb = (Path(folder) / "last.pt").stat().st_size / 2**20
     images = steps * p * k
+    start = time.perf_counter()
+    for _ in trainer.loader:  # the data alone: decoding (in the workers) and collation
+        pass
+    loader_seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "case": name,
         "p": p,
@@ -171,6 +217,7 @@ def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
         "rounds": rounds,
         "checkpoint_seconds": save_seconds,
         "checkpoint_mb": checkpoint_mb,
+        "loader_images_per_second": images / loader_seconds,
     }
     for side, values in seconds.items():
         rates = sorted(images / s for s in values)
@@ -188,7 +235,7 @@ def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["small", "resnet18"])
+    parser.add_argument("--cases", nargs="+", default=["small", "small-lazy", "resnet18"])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (both sides)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -207,12 +254,19 @@ def main() -> None:
             f"{r['plain']['images_per_second_max']:.0f})",
             f"{r['ratio_median']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})",
             f"{r['checkpoint_seconds'] * 1e3:.0f} ms / {r['checkpoint_mb']:.1f} MB",
+            f"{r['loader_images_per_second']:.0f}",
         ]
         for r in results
     ]
-    headers = ["case", "PxK", "deepmetric img/s", "plain img/s", "ratio", "last.pt"]
+    headers = ["case", "PxK", "deepmetric img/s", "plain img/s", "ratio", "last.pt", "loader img/s"]
     print(format_table(headers, rows))
-    write_json(RESULTS, {"machine": machine_info(args.threads, "cpu"), "results": results})
+    # cases measured before (another --cases) are kept, each with the machine it ran on
+    machine = machine_info(args.threads, "cpu")
+    kept = []
+    if RESULTS.is_file():
+        measured = {r["case"] for r in results}
+        kept = [r for r in json.loads(RESULTS.read_text())["results"] if r["case"] not in measured]
+    write_json(RESULTS, {"results": kept + [{**r, "machine": machine} for r in results]})
 
 
 if __name__ == "__main__":

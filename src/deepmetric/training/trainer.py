@@ -180,6 +180,8 @@ class Trainer:
             plugin = HDMLStep(hdml, model, loss)
         if plugin is not None and not isinstance(plugin, StepPlugin):
             raise ValueError(f"plugin must follow StepPlugin, got {type(plugin).__name__}")
+        if plugin is not None and plugin.name in self._CHECKPOINT_KEYS:
+            raise ValueError(f"a plug-in cannot be named {plugin.name!r}: a checkpoint key")
         name = plugin.name if plugin is not None else ""
         if self.distributed and plugin is not None:
             raise ValueError(f"{name} is not supported in distributed training; use one process")
@@ -248,6 +250,12 @@ class Trainer:
         # what a training step calls: the modules themselves, or their distributed wrappers
         self._step_model, self._step_loss, self._step_miner = self._step_modules()
 
+    _CHECKPOINT_KEYS = frozenset(
+        {"version", "config", "model", "loss", "optimizer", "scheduler", "sampler", "rng_torch"}
+        | {"rng_cuda", "rng_python", "generator", "epoch", "step", "best_score", "history"}
+        | {"evals_without_improvement", "epoch_sums", "skipped_indices", "scaler"}
+    )
+
     def _reset_epoch_sums(self, saved: dict[str, Any] | None = None) -> None:
         """The running sums of the epoch in progress (from a checkpoint's ``epoch_sums``):
         batches consumed, steps and the sum of their losses, skipped samples, seconds."""
@@ -262,6 +270,12 @@ class Trainer:
         self._epoch_skipped = int(saved.get("skipped", 0))
         self._epoch_seconds = float(saved.get("seconds", 0.0))
         self._epoch_started: float | None = None
+
+    def _stop_epoch_clock(self) -> None:
+        """Count the epoch's seconds so far (``fit`` returns in the middle of an epoch)."""
+        if self._epoch_started is not None:
+            self._epoch_seconds += time.perf_counter() - self._epoch_started
+            self._epoch_started = None
 
     def _epoch_sums(self) -> dict[str, Any]:
         seconds = self._epoch_seconds
@@ -724,13 +738,16 @@ class Trainer:
                 if max_steps is not None and self.step >= max_steps:
                     bar.close()
                     self.save("last.pt")
+                    self._stop_epoch_clock()
                     return self.history
                 if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
                     self.save("last.pt")
                 signum = self._stop_requested()
                 if signum:
                     bar.close()
-                    raise TrainingInterrupted(signum, self.save("last.pt"))
+                    path = self.save("last.pt")
+                    self._stop_epoch_clock()
+                    raise TrainingInterrupted(signum, path)
             bar.close()
             self._end_epoch()
             signum = self._stop_requested()
