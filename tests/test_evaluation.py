@@ -7,6 +7,8 @@ in float32, so rankings, ties included, are the same for every method and chunk 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -118,76 +120,89 @@ def ours(**kwargs: Any) -> AccuracyCalculator:
 
 
 # ------------------------------------------------------------------------------------------------
-# streamed top-k
+# exact nearest neighbours
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk_size", [1, 3, 16, 50, 4096])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_knn_equals_full_sort_with_ties(chunk_size: int, symmetric: bool) -> None:
-    n = 40 if chunk_size <= 3 else 300
+#: (distances per block, least queries per block) of the torch engine: 1 × 1 blocks, a few
+#: queries × 16 references (several reference blocks merged), and the default (one block).
+BLOCKS = [(1, 1), (64, 4), (600, 8), (evaluation.BLOCK_ENTRIES, 256)]
+
+
+@contextmanager
+def blocks_of(entries: int, min_queries: int) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation.neighbors, "BLOCK_ENTRIES", entries)
+        patch.setattr(evaluation.neighbors, "_MIN_BLOCK_QUERIES", min_queries)
+        yield
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_knn_equals_full_sort_with_ties(blocks: tuple[int, int]) -> None:
+    n = 40 if blocks[0] == 1 else 300
     x, _ = grid_data(n, 5, dim=3, spread=1)  # few distinct points: ties and duplicates
     for k in (1, 7, n - 1):
-        dist, idx = knn(x, k, engine="torch", chunk_size=chunk_size, symmetric=symmetric)
+        with blocks_of(*blocks):
+            dist, idx = knn(x, k)
         want_dist, want_idx = full_sort_knn(x, x, k, ref_includes_query=True)
         assert torch.equal(idx, want_idx)
         torch.testing.assert_close(dist.double(), want_dist)
 
 
 @pytest.mark.parametrize("engine", ["faiss", "torch"])
-@pytest.mark.parametrize("chunk_size", [2, 7, 64])
-def test_knn_separate_and_including_references(chunk_size: int, engine: str) -> None:
+@pytest.mark.parametrize("blocks", BLOCKS[1:])
+def test_knn_separate_and_including_references(blocks: tuple[int, int], engine: str) -> None:
     x, _ = grid_data(100, 4, dim=2, seed=1, spread=1)
     query, extra = x[:30], x[30:]
     for reference, includes in ((extra, False), (x, True)):
         for k in (1, 5, len(reference) - int(includes)):
-            dist, idx = knn(query, k, reference, includes, engine=engine, chunk_size=chunk_size)
+            with blocks_of(*blocks):
+                dist, idx = knn(query, k, reference, includes, engine=engine)
             want_dist, want_idx = full_sort_knn(query, reference, k, includes)
             assert torch.equal(idx, want_idx)
             torch.testing.assert_close(dist.double(), want_dist)
 
 
-@pytest.mark.parametrize("scan_entries", [1, 50, 1 << 19])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_sliced_scans_with_k_near_the_chunk_size_equal_full_sort(
-    scan_entries: int, symmetric: bool, monkeypatch: pytest.MonkeyPatch
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    m=st.integers(1, 30),
+    levels=st.integers(1, 5),
+    data=st.data(),
+)
+def test_smallest_per_row_equals_a_stable_sort(
+    n: int, m: int, levels: int, data: st.DataObject
 ) -> None:
-    """Blocks scanned a few rows (or reference rows, down the columns) at a time, with k so
-    large that every entry of the first blocks is a candidate: the same neighbours."""
-    monkeypatch.setattr(evaluation.neighbors, "_SCAN_ENTRIES", scan_entries)
-    x, _ = grid_data(230, 6, dim=3, seed=5, spread=1)
-    for k in (1, 20, 40, 229):
-        dist, idx = knn(x, k, engine="torch", chunk_size=48, symmetric=symmetric)
-        want_dist, want_idx = full_sort_knn(x, x, k, ref_includes_query=True)
-        assert torch.equal(idx, want_idx)
-        torch.testing.assert_close(dist.double(), want_dist)
-    query, reference = x[:70], x[70:]
-    dist, idx = knn(query, 33, reference, engine="torch", chunk_size=48)
-    want_dist, want_idx = full_sort_knn(query, reference, 33, False)
-    assert torch.equal(idx, want_idx)
+    """The k smallest of each row, ties (few levels: many) to the smaller column."""
+    k = data.draw(st.integers(1, m))
+    seed = data.draw(st.integers(0, 2**16))
+    scores = torch.randint(0, levels, (n, m), generator=torch.Generator().manual_seed(seed))
+    values, columns = evaluation.neighbors.smallest_per_row(scores.float(), k)
+    want_values, want_columns = scores.float().sort(dim=1, stable=True)
+    assert torch.equal(columns, want_columns[:, :k])
+    assert torch.equal(values, want_values[:, :k])
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("n_extra", [0, 37])
-def test_label_ordered_search_equals_full_sort(symmetric: bool, n_extra: int) -> None:
-    """Visiting blocks by label (as the calculator does) changes the work, not the result."""
-    x, y = grid_data(260 + n_extra, 9, dim=3, seed=21, spread=1)
-    query, q_labels = x[:260], y[:260]
+def test_topk_keys_decode_to_the_full_sort(n_extra: int) -> None:
+    x, _ = grid_data(260 + n_extra, 9, dim=3, seed=21, spread=1)
+    query = x[:260]
     for reference, includes in ((x, True), (x[100:], False)):
         k = 13
-        ref_labels = y if includes else y[100:]
         keys = torch.empty(260, k, dtype=torch.int64)
         for ids, block_keys in evaluation.topk_key_chunks(
-            query.float(), reference.float(), k, includes, 32, symmetric, q_labels, ref_labels
+            query.float(), reference.float(), k, includes
         ):
             keys[ids] = block_keys
-        _, want_idx = full_sort_knn(query, reference, k, includes)
+        want_dist, want_idx = full_sort_knn(query, reference, k, includes)
         assert torch.equal(keys & 0xFFFFFFFF, want_idx)
+        assert torch.equal((keys >> 32).int().view(torch.float32).double(), want_dist)
 
 
 @pytest.mark.parametrize("engine", ["faiss", "torch"])
 def test_knn_random_float32_matches_sort_and_pml_faiss(engine: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(700, 16)
-    dist, idx = knn(x, 10, engine=engine, chunk_size=128)
+    with blocks_of(4096, 64):  # 64 queries × 64 references per block
+        dist, idx = knn(x, 10, engine=engine)
     _, want_idx = full_sort_knn(x, x, 10, True)
     assert torch.equal(idx, want_idx)
     faiss_dist, faiss_idx = FaissKNN()(x, 10, x, True)
@@ -202,7 +217,7 @@ def test_knn_random_float32_matches_sort_and_pml_faiss(engine: str) -> None:
     dim=st.integers(1, 4),
     levels=st.integers(1, 4),
     log2_scale=st.sampled_from([-13, 0, 10]),
-    chunk_size=st.integers(1, 70),
+    blocks=st.sampled_from(BLOCKS),
     includes=st.booleans(),
     engine=st.sampled_from(["faiss", "torch"]),
     data=st.data(),
@@ -213,7 +228,7 @@ def test_knn_hypothesis(
     dim: int,
     levels: int,
     log2_scale: int,
-    chunk_size: int,
+    blocks: tuple[int, int],
     includes: bool,
     engine: str,
     data: st.DataObject,
@@ -229,7 +244,8 @@ def test_knn_hypothesis(
     if available < 1:
         return
     k = data.draw(st.integers(1, available))
-    dist, idx = knn(query, k, reference, includes, engine=engine, chunk_size=chunk_size)
+    with blocks_of(*blocks):
+        dist, idx = knn(query, k, reference, includes, engine=engine)
     want_dist, want_idx = full_sort_knn(query, reference, k, includes)
     assert torch.equal(idx, want_idx)
     assert torch.isfinite(dist).all()
@@ -242,11 +258,12 @@ def test_identical_points_exclude_only_the_query_itself(
 ) -> None:
     """Every point the same: each query's neighbours are all the others by index, itself left
     out even where more than k + 1 duplicates rank before it (the faiss engine then searches
-    k + 1 without finding it). Tiny result blocks: many faiss calls."""
+    k + 1 without finding it). Small blocks and results: many of them."""
     monkeypatch.setattr(evaluation.neighbors, "FAISS_RESULT_BYTES", 12 * 8)
     x = torch.ones(50, 3)
     for k in (1, 6, 49):
-        dist, idx = nearest_neighbors(x, x, k, exclude_self=True, engine=engine, chunk_size=16)
+        with blocks_of(64, 4):
+            dist, idx = nearest_neighbors(x, x, k, exclude_self=True, engine=engine)
         others = torch.arange(50).repeat(50, 1)
         want = others[others != torch.arange(50).unsqueeze(1)].view(50, 49)[:, :k]
         assert torch.equal(idx, want)
@@ -254,7 +271,10 @@ def test_identical_points_exclude_only_the_query_itself(
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_inner_product_neighbours_equal_a_stable_sort(exclude_self: bool) -> None:
+@pytest.mark.parametrize("blocks", BLOCKS[1:])
+def test_inner_product_neighbours_equal_a_stable_sort(
+    exclude_self: bool, blocks: tuple[int, int]
+) -> None:
     """Largest inner product first, ties by the smaller index (integer data: exact ties). The
     faiss engine does not rank inner products (its ties follow no rule)."""
     x, _ = grid_data(120, 4, dim=3, seed=17, spread=1)
@@ -264,9 +284,10 @@ def test_inner_product_neighbours_equal_a_stable_sort(exclude_self: bool) -> Non
     if exclude_self:
         scores[torch.arange(40), torch.arange(40)] = -math.inf
     for k in (1, 9, len(reference) - int(exclude_self)):
-        got_scores, got_idx = nearest_neighbors(
-            query, reference, k, exclude_self=exclude_self, metric="inner_product"
-        )
+        with blocks_of(*blocks):
+            got_scores, got_idx = nearest_neighbors(
+                query, reference, k, exclude_self=exclude_self, metric="inner_product"
+            )
         want_idx = torch.argsort(-scores, dim=1, stable=True)[:, :k]
         assert torch.equal(got_idx, want_idx)
         torch.testing.assert_close(got_scores.double(), scores.gather(1, want_idx))
@@ -432,13 +453,15 @@ def test_counting_engine_equals_topk_engine(k: int | str | None, monkeypatch: An
     assert_metrics_equal(counted, custom, rtol=1e-12)
 
 
-def test_symmetric_and_streamed_self_retrieval_agree(monkeypatch: Any) -> None:
+def test_blocked_and_whole_searches_agree_in_the_calculator() -> None:
     x, y = grid_data(900, 15, seed=13, spread=1)
-    kwargs = {"k": "max_bin_count", "include": evaluation.KNN_METRICS, "chunk_size": 128}
-    kwargs["engine"] = "torch"
-    symmetric = ours(**kwargs).get_accuracy(x, y)
-    monkeypatch.setattr(evaluation.neighbors, "SYMMETRIC_STATE_BYTES", 0)
-    assert_metrics_equal(ours(**kwargs).get_accuracy(x, y), symmetric, rtol=1e-12)
+    kwargs = {"k": "max_bin_count", "include": evaluation.KNN_METRICS}
+    whole = ours(**kwargs).get_accuracy(x, y)
+    with blocks_of(2000, 8):  # 8 queries × 250 references per block
+        assert_metrics_equal(ours(**kwargs).get_accuracy(x, y), whole, rtol=1e-12)
+        separate = ours(**kwargs).get_accuracy(x[:300], y[:300], x[300:], y[300:])
+    expected = ours(**kwargs).get_accuracy(x[:300], y[:300], x[300:], y[300:])
+    assert_metrics_equal(separate, expected, rtol=1e-12)
 
 
 def test_perfect_retrieval_scores_one() -> None:

@@ -6,8 +6,8 @@ Every query is ranked against a reference set by squared Euclidean distance (wha
 query's *positives* (references sharing its label) land in that ranking. One concept per module:
 
 * :mod:`~deepmetric.evaluation.neighbors`: exact k nearest neighbours
-  (:func:`nearest_neighbors`, :func:`neighbor_chunks`; faiss on the CPU, a streamed torch
-  search elsewhere), and :func:`knn`, the same search called as PML's ``knn_func``;
+  (:func:`nearest_neighbors`, :func:`neighbor_chunks`: blocks of distances, a few large
+  operations each), and :func:`knn`, the same search called as PML's ``knn_func``;
 * :mod:`~deepmetric.evaluation.ranks`: the ranks of each query's positives, chunk by chunk,
   from the nearest neighbours or, for rankings deeper than a top-k should hold (PML's default
   ``k=None`` ranks every reference), by counting;
@@ -35,10 +35,10 @@ from .metrics import (
 )
 from .neighbors import (
     AUGMENTED_CACHE_BYTES,
+    BLOCK_ENTRIES,
     DEFAULT_CHUNK_SIZE,
     FAISS_RESULT_BYTES,
     NORM_CHUNK_ROWS,
-    SYMMETRIC_STATE_BYTES,
     knn,
     nearest_neighbors,
     neighbor_chunks,
@@ -59,6 +59,7 @@ from .ranks import (
 __all__ = [
     "ALL_METRICS",
     "AUGMENTED_CACHE_BYTES",
+    "BLOCK_ENTRIES",
     "CLUSTERING_METRICS",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_METRICS",
@@ -68,7 +69,6 @@ __all__ = [
     "NORM_CHUNK_ROWS",
     "RECALL_KS",
     "RECALL_METRICS",
-    "SYMMETRIC_STATE_BYTES",
     "TOPK_MAX_FRACTION",
     "TOPK_MAX_K",
     "AccuracyCalculator",

@@ -24,7 +24,15 @@ from .metrics import (
     faiss_kmeans,
     metrics_from_ranks,
 )
-from .neighbors import DEFAULT_CHUNK_SIZE, ENGINES, Engine, _as_float32, _as_tensor, _check_pair
+from .neighbors import (
+    DEFAULT_CHUNK_SIZE,
+    ENGINES,
+    Engine,
+    _as_float32,
+    _as_tensor,
+    _check_pair,
+    one_thread,
+)
 from .ranks import KnnFn, LabelComparisonFn, _same_label, label_match_counts, rank_chunks
 
 LOGGER = logging.getLogger("deepmetric.evaluation")
@@ -74,10 +82,12 @@ class AccuracyCalculator:
             indices)``; default: the streamed exact search of this module.
         kmeans_func: ``kmeans_func(query, n_clusters) -> cluster index per query``; default:
             faiss k-means with ``niter=20`` (PML's ``FaissKMeans``).
-        chunk_size: (deepmetric only) queries and references per block of the streamed search.
-        engine: (deepmetric only) the nearest-neighbour search: ``"auto"`` (faiss for CPU
-            tensors, the streamed torch search on other devices), ``"faiss"`` or ``"torch"``
-            (see :mod:`~deepmetric.evaluation.neighbors`). The same neighbours either way.
+        chunk_size: (deepmetric only) queries per chunk of the rank-counting pass (deep
+            rankings, ``k=None``) and references per block of it.
+        engine: (deepmetric only) the nearest-neighbour search: ``"torch"`` (blocks of
+            distances, any device) or ``"faiss"`` (PML's kernel, CPU only); see
+            :mod:`~deepmetric.evaluation.neighbors`. The same neighbours either way, up to
+            float32 rounding of nearly equal distances.
 
     Shapes: query ``(Nq, D)``, query_labels ``(Nq,)``, reference ``(Nr, D)``, reference_labels
     ``(Nr,)``; numpy arrays are accepted too.
@@ -112,7 +122,7 @@ class AccuracyCalculator:
         kmeans_func: KMeansFn | None = None,
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
-        engine: Engine = "auto",
+        engine: Engine = "torch",
     ) -> None:
         custom = [name for name in dir(self) if name.startswith("calculate_")]
         if custom:
@@ -286,15 +296,16 @@ class AccuracyCalculator:
             self.chunk_size,
             self.engine,
         ):
-            keep = scored[ids]
-            if not bool(keep.any()):
-                continue
-            ids = ids[keep]
-            per_query = metrics_from_ranks(ranks[keep], num_relevant[ids], k, recall_ks)
-            cls = torch.searchsorted(classes, query_labels[ids]).cpu()
-            for name in names:
-                sums[name].index_add_(0, cls, per_query[name].cpu())
-            sizes.index_add_(0, cls, torch.ones(len(cls), dtype=torch.float64))
+            with one_thread():  # small operators (see one_thread)
+                keep = scored[ids]
+                if not bool(keep.any()):
+                    continue
+                ids = ids[keep]
+                per_query = metrics_from_ranks(ranks[keep], num_relevant[ids], k, recall_ks)
+                cls = torch.searchsorted(classes, query_labels[ids]).cpu()
+                for name in names:
+                    sums[name].index_add_(0, cls, per_query[name].cpu())
+                sizes.index_add_(0, cls, torch.ones(len(cls), dtype=torch.float64))
         return {name: self._average(sums[name], sizes) for name in names}
 
     def _average(self, sums: Tensor, sizes: Tensor) -> float | list[float]:

@@ -38,6 +38,7 @@ from .neighbors import (
     _pad_rows,
     _self_pairs,
     neighbor_chunks,
+    one_thread,
     row_squared_norms,
 )
 
@@ -215,7 +216,7 @@ def rank_chunks(
     label_comparison_fn: LabelComparisonFn | None = None,
     knn_func: KnnFn | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    engine: Engine = "auto",
+    engine: Engine = "torch",
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(query_ids, ranks)`` for blocks of queries (each query in one block): the 1-based
     ranks of each query's positives up to ``max_rank`` (``inf`` beyond), as
@@ -234,14 +235,16 @@ def rank_chunks(
         _, indices = knn_func(query, max_rank, reference, ref_includes_query)
         for q0, q1 in _chunks(len(query), chunk_size):
             ids = torch.arange(q0, q1, device=query.device)
-            yield ids, ranks_of(ids, indices[q0:q1].to(reference_labels.device))
+            with one_thread():
+                ranks = ranks_of(ids, indices[q0:q1].to(reference_labels.device))
+            yield ids, ranks
     elif max_rank <= max(TOPK_MAX_K, TOPK_MAX_FRACTION * len(reference)):
         for ids, _, indices in neighbor_chunks(
-            query, reference, max_rank, exclude_self=ref_includes_query, engine=engine,
-            chunk_size=chunk_size,
-            query_groups=query_labels, reference_groups=reference_labels,
-        ):  # fmt: skip
-            yield ids, ranks_of(ids, indices)
+            query, reference, max_rank, exclude_self=ref_includes_query, engine=engine
+        ):
+            with one_thread():
+                ranks = ranks_of(ids, indices)
+            yield ids, ranks
     else:
         _, counts, _ = label_match_counts(query_labels, reference_labels, label_comparison_fn)
         yield from rank_chunks_by_counting(
