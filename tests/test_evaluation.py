@@ -298,8 +298,18 @@ def test_engines_agree_on_numpy_float64_input() -> None:
     by_faiss = nearest_neighbors(x.numpy(), x.numpy(), 12, exclude_self=True, engine="faiss")
     by_torch = nearest_neighbors(x, x, 12, exclude_self=True, engine="torch")
     assert torch.equal(by_faiss[1], by_torch[1])
-    assert torch.equal(by_faiss[0], by_torch[0])  # integer data: exact in both
-    assert by_faiss[0].dtype == torch.float32
+    assert by_faiss[0].dtype == torch.float32  # faiss ranks in float32
+    assert by_torch[0].dtype == torch.float64  # float64 stays float64
+    assert torch.equal(by_faiss[0].double(), by_torch[0])  # integer data: exact in both
+
+
+def test_float64_is_ranked_in_float64() -> None:
+    """1 + 1e-8 is 1 in float32: a tie (the smaller index first) there, farther in float64."""
+    reference = torch.tensor([[1 + 1e-8], [1.0]], dtype=torch.float64)
+    query = torch.zeros(1, 1, dtype=torch.float64)
+    assert nearest_neighbors(query, reference, 2)[1].tolist() == [[1, 0]]
+    assert nearest_neighbors(query.float(), reference.float(), 2)[1].tolist() == [[0, 1]]
+    assert nearest_neighbors(query, reference, 2, engine="faiss")[1].tolist() == [[0, 1]]
 
 
 @pytest.mark.parametrize("engine", ["faiss", "torch"])

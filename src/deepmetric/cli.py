@@ -43,6 +43,7 @@ from ._malloc import keep_freed_memory
 from .augment import embed_augmented
 from .cli_index import add_index_commands, load_run
 from .data import ArrayDataset, load_omniglot_runs, split_by_class
+from .fewshot import one_shot_accuracy
 from .runs import (
     PROJECTIONS,
     RunConfig,
@@ -69,12 +70,12 @@ from .training import (
 # -- the experiment shared by `demo` and `train` --------------------------------------------------
 def one_shot_accuracies(embed_fn: Any, runs: Sequence[Any]) -> list[float]:
     """Accuracy of each 20-way one-shot run: every query takes the class of its nearest support
-    embedding."""
+    embedding (:func:`deepmetric.fewshot.one_shot_accuracy`)."""
     accuracies = []
     for run in runs:
         support, query = embed_fn(run.support), embed_fn(run.query)
-        predicted = torch.cdist(query, support).argmin(dim=1)
-        accuracies.append(float((predicted == run.query_labels).float().mean()))
+        classes = torch.arange(len(support))  # support image i is class i
+        accuracies.append(one_shot_accuracy(support, classes, query, run.query_labels))
     return accuracies
 
 

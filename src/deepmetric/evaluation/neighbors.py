@@ -27,7 +27,7 @@ neighbours up to float32 rounding of nearly equal distances.
 Distances are squared Euclidean (``metric="l2"``, smaller is closer, negative rounding noise
 read as 0) or inner products (``metric="inner_product"``, larger is closer): the names and values
 of faiss and of :class:`~deepmetric.index.EmbeddingIndex`. Embeddings are ranked in float32, as
-faiss and PML rank them.
+faiss and PML rank them, or in float64 when both sets are float64 (torch engine).
 """
 
 from __future__ import annotations
@@ -316,7 +316,8 @@ def nearest_neighbors(
     """Exact ``k`` nearest references of every query.
 
     Args:
-        queries: ``(Nq, D)`` floating point (ranked in float32).
+        queries: ``(Nq, D)`` floating point: ranked in float64 if both are float64 (and the
+            engine is torch), else in float32.
         references: ``(Nr, D)``, on the queries' device.
         k: neighbours per query, ``1 <= k <= Nr - exclude_self``.
         exclude_self: the references start with the queries (query ``i`` is reference ``i``,
@@ -327,20 +328,23 @@ def nearest_neighbors(
             docstring.
 
     Returns:
-        ``(distances, indices)``, both ``(Nq, k)``: float32 squared distances (or inner
-        products) and int64 reference indices, nearest first, ties by the smaller index.
+        ``(distances, indices)``, both ``(Nq, k)``: squared distances (or inner products) in
+        the precision of the ranking, and int64 reference indices, nearest first, ties by the
+        smaller index.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    q = _as_float32(queries, "queries")
-    r = q if references is queries else _as_float32(references, "references")
+    pair = (_as_tensor(queries, "queries"), _as_tensor(references, "references"))
+    in_float64 = engine == "torch" and all(x.dtype == torch.float64 for x in pair)
+    q = _as_float32(queries, "queries", keep_float64=in_float64)
+    r = q if references is queries else _as_float32(references, "references", in_float64)
     if r.device != q.device:
         raise ValueError(f"queries are on {q.device} but references on {r.device}")
     _check_pair(q, r, exclude_self)
     available = len(r) - int(exclude_self)
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= available:
         raise ValueError(f"k must be an int in [1, {available}] for these references, got {k!r}")
-    dists = torch.empty(len(q), k, dtype=torch.float32, device=q.device)
+    dists = torch.empty(len(q), k, dtype=q.dtype, device=q.device)
     indices = torch.empty(len(q), k, dtype=torch.int64, device=q.device)
     for ids, chunk_dists, chunk_indices in neighbor_chunks(
         q, r, k, exclude_self=exclude_self, metric=metric, engine=engine
@@ -406,15 +410,17 @@ def _as_tensor(x: Any, name: str) -> Tensor:
     return x
 
 
-def _as_float32(embeddings: Any, name: str) -> Tensor:
-    """Validated ``(N, D)`` float32 embeddings (the precision PML and faiss rank in)."""
+def _as_float32(embeddings: Any, name: str, keep_float64: bool = False) -> Tensor:
+    """Validated ``(N, D)`` float32 embeddings (the precision PML and faiss rank in); float64
+    ones stay float64 with ``keep_float64``."""
     embeddings = _as_tensor(embeddings, name)
     check_embeddings(embeddings, name)
     if len(embeddings) == 0:
         raise ValueError(f"{name} must contain at least one embedding")
-    embeddings = embeddings.detach().to(torch.float32).contiguous()
+    keep = keep_float64 and embeddings.dtype == torch.float64
+    embeddings = embeddings.detach().to(torch.float64 if keep else torch.float32).contiguous()
     if not bool(torch.isfinite(row_squared_norms(embeddings)).all()):
-        raise ValueError(f"{name} are too large: squared norms overflow float32")
+        raise ValueError(f"{name} are too large: squared norms overflow {embeddings.dtype}")
     return embeddings
 
 
