@@ -95,7 +95,8 @@ class AccuracyCalculator:
     Differences from PML 2.9.0, all deliberate:
 
     * Never an ``Nq × k`` neighbour list (unless a ``knn_func`` is passed): memory is bounded by
-      the chunk size, so the default ``k=None`` works at any N (PML needs ``Nq × Nr`` × 12 bytes
+      one block of the search (:data:`~deepmetric.evaluation.neighbors.BLOCK_ENTRIES`) and the
+      chunk size, so the default ``k=None`` works at any N (PML needs ``Nq × Nr`` × 12 bytes
       for the faiss search alone, and more for its float64 metric tensors).
     * Ties in distance are broken by the smaller reference index (faiss' order as well); the
       query itself is excluded by index, never by distance.

@@ -17,12 +17,12 @@ product), one ``topk`` keeps the ``k + 1`` nearest of each query, and the rare r
 reference block's best are merged the same way. Memory: one block, plus ``k`` per query.
 
 Few large operations keep their speed on a CPU shared with other processes, where many small
-ones lose the cores to spinning threads; on two busy cores this search took half the time of
-faiss's exact search (``engine="faiss"``: ``faiss.knn``, what PML's default ``FaissKNN`` runs;
-Johnson, Douze & Jégou, "Billion-scale similarity search with GPUs", 2017), which faiss 1.15 runs
-without a matrix product for fewer than 128k queries. The faiss engine stays available (CPU,
-squared Euclidean only: its ties in inner products follow no fixed rule) and gives the same
-neighbours up to float32 rounding of nearly equal distances.
+ones lose the cores to spinning threads (the small ones that follow each block run on one
+thread: :func:`one_thread`). On two busy cores this search took half the time of faiss's exact
+search (``engine="faiss"``: ``faiss.knn``, what PML's default ``FaissKNN`` runs; Johnson, Douze
+& Jégou, "Billion-scale similarity search with GPUs", 2017) at 5k and 20k embeddings. The faiss
+engine stays available (CPU, squared Euclidean only: its ties in inner products follow no fixed
+rule) and gives the same neighbours up to float32 rounding of nearly equal distances.
 
 Distances are squared Euclidean (``metric="l2"``, smaller is closer, negative rounding noise
 read as 0) or inner products (``metric="inner_product"``, larger is closer): the names and values
