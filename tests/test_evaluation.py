@@ -7,6 +7,8 @@ in float32, so rankings, ties included, are the same for every method and chunk 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ from pytorch_metric_learning.utils.inference import FaissKNN
 from torch import Tensor
 
 from deepmetric import evaluation
-from deepmetric.evaluation import AccuracyCalculator, knn, metrics_from_ranks
+from deepmetric.evaluation import AccuracyCalculator, knn, metrics_from_ranks, nearest_neighbors
 
 CPU = torch.device("cpu")
 RETRIEVAL = [m for m in evaluation.DEFAULT_METRICS if m not in ("NMI", "AMI")]
@@ -118,74 +120,89 @@ def ours(**kwargs: Any) -> AccuracyCalculator:
 
 
 # ------------------------------------------------------------------------------------------------
-# streamed top-k
+# exact nearest neighbours
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk_size", [1, 3, 16, 50, 4096])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_knn_equals_full_sort_with_ties(chunk_size: int, symmetric: bool) -> None:
-    n = 40 if chunk_size <= 3 else 300
+#: (distances per block, least queries per block) of the torch engine: 1 × 1 blocks, a few
+#: queries × 16 references (several reference blocks merged), and the default (one block).
+BLOCKS = [(1, 1), (64, 4), (600, 8), (evaluation.BLOCK_ENTRIES, 256)]
+
+
+@contextmanager
+def blocks_of(entries: int, min_queries: int) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation.neighbors, "BLOCK_ENTRIES", entries)
+        patch.setattr(evaluation.neighbors, "_MIN_BLOCK_QUERIES", min_queries)
+        yield
+
+
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_knn_equals_full_sort_with_ties(blocks: tuple[int, int]) -> None:
+    n = 40 if blocks[0] == 1 else 300
     x, _ = grid_data(n, 5, dim=3, spread=1)  # few distinct points: ties and duplicates
     for k in (1, 7, n - 1):
-        dist, idx = knn(x, k, chunk_size=chunk_size, symmetric=symmetric)
+        with blocks_of(*blocks):
+            dist, idx = knn(x, k)
         want_dist, want_idx = full_sort_knn(x, x, k, ref_includes_query=True)
         assert torch.equal(idx, want_idx)
         torch.testing.assert_close(dist.double(), want_dist)
 
 
-@pytest.mark.parametrize("chunk_size", [2, 7, 64])
-def test_knn_separate_and_including_references(chunk_size: int) -> None:
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+@pytest.mark.parametrize("blocks", BLOCKS[1:])
+def test_knn_separate_and_including_references(blocks: tuple[int, int], engine: str) -> None:
     x, _ = grid_data(100, 4, dim=2, seed=1, spread=1)
     query, extra = x[:30], x[30:]
     for reference, includes in ((extra, False), (x, True)):
         for k in (1, 5, len(reference) - int(includes)):
-            dist, idx = knn(query, k, reference, includes, chunk_size=chunk_size)
+            with blocks_of(*blocks):
+                dist, idx = knn(query, k, reference, includes, engine=engine)
             want_dist, want_idx = full_sort_knn(query, reference, k, includes)
             assert torch.equal(idx, want_idx)
             torch.testing.assert_close(dist.double(), want_dist)
 
 
-@pytest.mark.parametrize("scan_entries", [1, 50, 1 << 19])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_sliced_scans_with_k_near_the_chunk_size_equal_full_sort(
-    scan_entries: int, symmetric: bool, monkeypatch: pytest.MonkeyPatch
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    m=st.integers(1, 30),
+    levels=st.integers(1, 5),
+    data=st.data(),
+)
+def test_smallest_per_row_equals_a_stable_sort(
+    n: int, m: int, levels: int, data: st.DataObject
 ) -> None:
-    """Blocks scanned a few rows (or reference rows, down the columns) at a time, with k so
-    large that every entry of the first blocks is a candidate: the same neighbours."""
-    monkeypatch.setattr(evaluation, "_SCAN_ENTRIES", scan_entries)
-    x, _ = grid_data(230, 6, dim=3, seed=5, spread=1)
-    for k in (1, 20, 40, 229):
-        dist, idx = knn(x, k, chunk_size=48, symmetric=symmetric)
-        want_dist, want_idx = full_sort_knn(x, x, k, ref_includes_query=True)
-        assert torch.equal(idx, want_idx)
-        torch.testing.assert_close(dist.double(), want_dist)
-    query, reference = x[:70], x[70:]
-    dist, idx = knn(query, 33, reference, chunk_size=48)
-    want_dist, want_idx = full_sort_knn(query, reference, 33, False)
-    assert torch.equal(idx, want_idx)
+    """The k smallest of each row, ties (few levels: many) to the smaller column."""
+    k = data.draw(st.integers(1, m))
+    seed = data.draw(st.integers(0, 2**16))
+    scores = torch.randint(0, levels, (n, m), generator=torch.Generator().manual_seed(seed))
+    values, columns = evaluation.neighbors.smallest_per_row(scores.float(), k)
+    want_values, want_columns = scores.float().sort(dim=1, stable=True)
+    assert torch.equal(columns, want_columns[:, :k])
+    assert torch.equal(values, want_values[:, :k])
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("n_extra", [0, 37])
-def test_label_ordered_search_equals_full_sort(symmetric: bool, n_extra: int) -> None:
-    """Visiting blocks by label (as the calculator does) changes the work, not the result."""
-    x, y = grid_data(260 + n_extra, 9, dim=3, seed=21, spread=1)
-    query, q_labels = x[:260], y[:260]
+def test_topk_keys_decode_to_the_full_sort(n_extra: int) -> None:
+    x, _ = grid_data(260 + n_extra, 9, dim=3, seed=21, spread=1)
+    query = x[:260]
     for reference, includes in ((x, True), (x[100:], False)):
         k = 13
-        ref_labels = y if includes else y[100:]
         keys = torch.empty(260, k, dtype=torch.int64)
         for ids, block_keys in evaluation.topk_key_chunks(
-            query.float(), reference.float(), k, includes, 32, symmetric, q_labels, ref_labels
+            query.float(), reference.float(), k, includes
         ):
             keys[ids] = block_keys
-        _, want_idx = full_sort_knn(query, reference, k, includes)
+        want_dist, want_idx = full_sort_knn(query, reference, k, includes)
         assert torch.equal(keys & 0xFFFFFFFF, want_idx)
+        assert torch.equal((keys >> 32).int().view(torch.float32).double(), want_dist)
 
 
-def test_knn_random_float32_matches_sort_and_pml_faiss() -> None:
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+def test_knn_random_float32_matches_sort_and_pml_faiss(engine: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(700, 16)
-    dist, idx = knn(x, 10, chunk_size=128)
+    with blocks_of(4096, 64):  # 64 queries × 64 references per block
+        dist, idx = knn(x, 10, engine=engine)
     _, want_idx = full_sort_knn(x, x, 10, True)
     assert torch.equal(idx, want_idx)
     faiss_dist, faiss_idx = FaissKNN()(x, 10, x, True)
@@ -200,8 +217,9 @@ def test_knn_random_float32_matches_sort_and_pml_faiss() -> None:
     dim=st.integers(1, 4),
     levels=st.integers(1, 4),
     log2_scale=st.sampled_from([-13, 0, 10]),
-    chunk_size=st.integers(1, 70),
+    blocks=st.sampled_from(BLOCKS),
     includes=st.booleans(),
+    engine=st.sampled_from(["faiss", "torch"]),
     data=st.data(),
 )
 def test_knn_hypothesis(
@@ -210,8 +228,9 @@ def test_knn_hypothesis(
     dim: int,
     levels: int,
     log2_scale: int,
-    chunk_size: int,
+    blocks: tuple[int, int],
     includes: bool,
+    engine: str,
     data: st.DataObject,
 ) -> None:
     """Duplicates, one point, extreme scales (2**-13 ~ 1e-4, 2**10 ~ 1e3): always the sort."""
@@ -225,11 +244,86 @@ def test_knn_hypothesis(
     if available < 1:
         return
     k = data.draw(st.integers(1, available))
-    dist, idx = knn(query, k, reference, includes, chunk_size=chunk_size)
+    with blocks_of(*blocks):
+        dist, idx = knn(query, k, reference, includes, engine=engine)
     want_dist, want_idx = full_sort_knn(query, reference, k, includes)
     assert torch.equal(idx, want_idx)
     assert torch.isfinite(dist).all()
     torch.testing.assert_close(dist.double(), want_dist)
+
+
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+def test_identical_points_exclude_only_the_query_itself(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every point the same: each query's neighbours are all the others by index, itself left
+    out even where more than k + 1 duplicates rank before it (the faiss engine then searches
+    k + 1 without finding it). Small blocks and results: many of them."""
+    monkeypatch.setattr(evaluation.neighbors, "FAISS_RESULT_BYTES", 12 * 8)
+    x = torch.ones(50, 3)
+    for k in (1, 6, 49):
+        with blocks_of(64, 4):
+            dist, idx = nearest_neighbors(x, x, k, exclude_self=True, engine=engine)
+        others = torch.arange(50).repeat(50, 1)
+        want = others[others != torch.arange(50).unsqueeze(1)].view(50, 49)[:, :k]
+        assert torch.equal(idx, want)
+        assert torch.equal(dist, torch.zeros(50, k))
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("blocks", BLOCKS[1:])
+def test_inner_product_neighbours_equal_a_stable_sort(
+    exclude_self: bool, blocks: tuple[int, int]
+) -> None:
+    """Largest inner product first, ties by the smaller index (integer data: exact ties). The
+    faiss engine does not rank inner products (its ties follow no rule)."""
+    x, _ = grid_data(120, 4, dim=3, seed=17, spread=1)
+    query = x[:40]
+    reference = x if exclude_self else x[40:]
+    scores = query @ reference.T
+    if exclude_self:
+        scores[torch.arange(40), torch.arange(40)] = -math.inf
+    for k in (1, 9, len(reference) - int(exclude_self)):
+        with blocks_of(*blocks):
+            got_scores, got_idx = nearest_neighbors(
+                query, reference, k, exclude_self=exclude_self, metric="inner_product"
+            )
+        want_idx = torch.argsort(-scores, dim=1, stable=True)[:, :k]
+        assert torch.equal(got_idx, want_idx)
+        torch.testing.assert_close(got_scores.double(), scores.gather(1, want_idx))
+
+
+def test_engines_agree_on_numpy_float64_input() -> None:
+    x, _ = grid_data(300, 7, dim=5, seed=19)
+    by_faiss = nearest_neighbors(x.numpy(), x.numpy(), 12, exclude_self=True, engine="faiss")
+    by_torch = nearest_neighbors(x, x, 12, exclude_self=True, engine="torch")
+    assert torch.equal(by_faiss[1], by_torch[1])
+    assert by_faiss[0].dtype == torch.float32  # faiss ranks in float32
+    assert by_torch[0].dtype == torch.float64  # float64 stays float64
+    assert torch.equal(by_faiss[0].double(), by_torch[0])  # integer data: exact in both
+
+
+def test_float64_is_ranked_in_float64() -> None:
+    """1 + 1e-8 is 1 in float32: a tie (the smaller index first) there, farther in float64."""
+    reference = torch.tensor([[1 + 1e-8], [1.0]], dtype=torch.float64)
+    query = torch.zeros(1, 1, dtype=torch.float64)
+    assert nearest_neighbors(query, reference, 2)[1].tolist() == [[1, 0]]
+    assert nearest_neighbors(query.float(), reference.float(), 2)[1].tolist() == [[0, 1]]
+    assert nearest_neighbors(query, reference, 2, engine="faiss")[1].tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("engine", ["faiss", "torch"])
+def test_every_mode_matches_pml_with_either_engine(engine: str) -> None:
+    """Self-retrieval, references that include the queries, separate references."""
+    x, y = grid_data(600, 30, seed=23)
+    kwargs = {"k": "max_bin_count", "exclude": ("NMI", "AMI")}
+    calc = ours(engine=engine, chunk_size=128, **kwargs)
+    assert_metrics_equal(calc.get_accuracy(x, y), pml(**kwargs).get_accuracy(x, y))
+    q, qy = x[:200], y[:200]
+    expected = pml(**kwargs).get_accuracy(q, qy, x, y, ref_includes_query=True)
+    assert_metrics_equal(calc.get_accuracy(q, qy, x, y, ref_includes_query=True), expected)
+    expected = pml(**kwargs).get_accuracy(q, qy, x[200:], y[200:])
+    assert_metrics_equal(calc.get_accuracy(q, qy, x[200:], y[200:]), expected)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,8 +454,8 @@ def test_counting_engine_equals_topk_engine(k: int | str | None, monkeypatch: An
     separate = ours(**kwargs).get_accuracy(x[:200], y[:200], x[200:], y[200:])
     by_parity = {**kwargs, "label_comparison_fn": lambda a, b: a % 2 == b % 2}
     custom = ours(**by_parity).get_accuracy(x[:200], y[:200], x, y, ref_includes_query=True)
-    monkeypatch.setattr(evaluation, "TOPK_MAX_K", 0)
-    monkeypatch.setattr(evaluation, "TOPK_MAX_FRACTION", 0.0)
+    monkeypatch.setattr(evaluation.ranks, "TOPK_MAX_K", 0)
+    monkeypatch.setattr(evaluation.ranks, "TOPK_MAX_FRACTION", 0.0)
     assert_metrics_equal(ours(**kwargs).get_accuracy(x, y), topk, rtol=1e-12)
     counted = ours(**kwargs).get_accuracy(x[:200], y[:200], x[200:], y[200:])
     assert_metrics_equal(counted, separate, rtol=1e-12)
@@ -369,12 +463,15 @@ def test_counting_engine_equals_topk_engine(k: int | str | None, monkeypatch: An
     assert_metrics_equal(counted, custom, rtol=1e-12)
 
 
-def test_symmetric_and_streamed_self_retrieval_agree(monkeypatch: Any) -> None:
+def test_blocked_and_whole_searches_agree_in_the_calculator() -> None:
     x, y = grid_data(900, 15, seed=13, spread=1)
-    kwargs = {"k": "max_bin_count", "include": evaluation.KNN_METRICS, "chunk_size": 128}
-    symmetric = ours(**kwargs).get_accuracy(x, y)
-    monkeypatch.setattr(evaluation, "SYMMETRIC_STATE_BYTES", 0)
-    assert_metrics_equal(ours(**kwargs).get_accuracy(x, y), symmetric, rtol=1e-12)
+    kwargs = {"k": "max_bin_count", "include": evaluation.KNN_METRICS}
+    whole = ours(**kwargs).get_accuracy(x, y)
+    with blocks_of(2000, 8):  # 8 queries × 250 references per block
+        assert_metrics_equal(ours(**kwargs).get_accuracy(x, y), whole, rtol=1e-12)
+        separate = ours(**kwargs).get_accuracy(x[:300], y[:300], x[300:], y[300:])
+    expected = ours(**kwargs).get_accuracy(x[:300], y[:300], x[300:], y[300:])
+    assert_metrics_equal(separate, expected, rtol=1e-12)
 
 
 def test_perfect_retrieval_scores_one() -> None:
@@ -471,6 +568,12 @@ def test_invalid_inputs_raise_value_error() -> None:
         lambda: calc.get_accuracy(x[:0], y[:0]),  # empty
         lambda: calc.get_accuracy(x * 1e30, y),  # squared norms overflow float32
         lambda: knn(x, 20),  # k > number of other references
+        lambda: nearest_neighbors(x, x, 3, metric="cosine"),  # unknown metric
+        lambda: nearest_neighbors(x, x, 3, engine="annoy"),  # unknown engine
+        lambda: nearest_neighbors(x, x, 3, metric="inner_product", engine="faiss"),
+        lambda: nearest_neighbors(x, x, True),  # k not an int
+        lambda: nearest_neighbors(x, x + 1, 3, exclude_self=True),  # not a prefix
+        lambda: nearest_neighbors(x, x[:, :2], 3),  # dimension mismatch
     ]
     for call in bad_calls:
         with pytest.raises(ValueError):
@@ -486,6 +589,8 @@ def test_invalid_constructor_arguments() -> None:
         AccuracyCalculator(avg_of_avgs=True, return_per_class=True)
     with pytest.raises(ValueError):
         AccuracyCalculator(k="all")
+    with pytest.raises(ValueError):
+        AccuracyCalculator(engine="annoy")  # type: ignore[arg-type]
     with pytest.raises(NotImplementedError):
         AccuracyCalculator(label_comparison_fn=torch.eq)  # with NMI/AMI, as in PML
 
@@ -499,6 +604,7 @@ def test_invalid_constructor_arguments() -> None:
 
 def test_row_squared_norms_in_chunks_equal_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(1000, 7, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(evaluation, "NORM_CHUNK_ROWS", 64)  # 16 chunks, the last one short
+    # 16 chunks, the last one short
+    monkeypatch.setattr(evaluation.neighbors, "NORM_CHUNK_ROWS", 64)
     assert torch.equal(evaluation.row_squared_norms(x), (x * x).sum(dim=1))
     assert evaluation.row_squared_norms(x[:0]).shape == (0,)

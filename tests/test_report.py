@@ -155,3 +155,31 @@ def test_write_json_round_trips_and_replaces(tmp_path: Path) -> None:
     report.write_json(path, {"a": [1, 2.5], "b": None})
     assert json.loads(path.read_text()) == {"a": [1, 2.5], "b": None}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
+
+
+def _loop_neighbours(query: np.ndarray, gallery: np.ndarray, n: int, exclude_self: bool) -> list:
+    """Each query's gallery rows by (distance, index), itself left out: one query at a time."""
+    result = []
+    for i, q in enumerate(query):
+        dists = [float(((g - q) ** 2).sum()) for g in gallery]
+        order = sorted(range(len(gallery)), key=lambda j: (dists[j], j))
+        if exclude_self:
+            order.remove(i)
+        result.append(order[:n])
+    return result
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_nearest_neighbours_match_a_loop_with_ties(exclude_self: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    gallery = torch.randint(0, 3, (40, 2), generator=generator).float()  # many ties
+    query = gallery[:15] if exclude_self else torch.randint(0, 3, (15, 2), generator=generator)
+    for n in (1, 5, 60):  # 60: more than the gallery holds, all of it
+        got = report.nearest_neighbours(query.float(), gallery, n, exclude_self)
+        want = _loop_neighbours(query.numpy(), gallery.numpy(), n, exclude_self)
+        assert got.tolist() == want
+
+
+def test_nearest_neighbours_of_a_lone_gallery_row_are_none() -> None:
+    one = torch.ones(1, 4)
+    assert report.nearest_neighbours(one, one, 6, exclude_self=True).shape == (1, 0)

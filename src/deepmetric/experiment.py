@@ -23,6 +23,8 @@ from ._launch import launched_by_torchrun, process_group, start_processes
 from .augment import embed_augmented
 from .config import RunConfig, TrainConfig
 from .distributed import is_distributed
+from .evaluation import nearest_neighbors
+from .fewshot import one_shot_accuracy
 from .inference import embed_dataset
 from .runs import (
     RunData,
@@ -53,12 +55,12 @@ __all__ = [
 # -- scores on classes never seen in training ---------------------------------------------------
 def one_shot_accuracies(embed_fn: Any, runs: Sequence[Any]) -> list[float]:
     """Accuracy of each 20-way one-shot run: every query takes the class of its nearest support
-    embedding."""
+    embedding (:func:`deepmetric.fewshot.one_shot_accuracy`)."""
     accuracies = []
     for run in runs:
         support, query = embed_fn(run.support), embed_fn(run.query)
-        predicted = torch.cdist(query, support).argmin(dim=1)
-        accuracies.append(float((predicted == run.query_labels).float().mean()))
+        classes = torch.arange(len(support))  # support image i is class i
+        accuracies.append(one_shot_accuracy(support, classes, query, run.query_labels))
     return accuracies
 
 
@@ -96,11 +98,8 @@ def one_shot_identification(
         is_query = torch.ones(len(lab), dtype=torch.bool)
         is_query[enrolled] = False
         queries = is_query.nonzero().flatten()
-        correct = 0
-        for start in range(0, len(queries), 4096):  # bounded memory: a block x classes
-            block = queries[start : start + 4096]
-            nearest = torch.cdist(emb[block], emb[enrolled]).argmin(dim=1)
-            correct += int((lab[enrolled][nearest] == lab[block]).sum())
+        _, nearest = nearest_neighbors(emb[queries], emb[enrolled], 1)
+        correct = int((lab[enrolled][nearest[:, 0]] == lab[queries]).sum())
         accuracies.append(correct / len(queries))
     return sum(accuracies) / len(accuracies)
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._checks import check_embeddings, check_labels
 from .distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance
+from .evaluation.neighbors import nearest_neighbors
 
 #: Queries are compared with the enrolled set this many matrix entries at a time.
 CHUNK_ELEMENTS = 1 << 24
@@ -104,17 +105,16 @@ def _top(key: Tensor, k: int, largest: bool) -> Tensor:
 class _References:
     """Enrolled rows ``(R, D)``, already normalised as the distance wants, ready for ranking.
 
-    Finding the nearest rows needs only their order, so for the common metrics it is one
-    matrix product per query chunk: Euclidean (``LpDistance(p=2)``, any positive power) ranks
-    by ``|r|² - 2 q·r`` (adding the query's own ``|q|²`` would not change the order; ``|r|²`` is
-    computed once here), an inner product or cosine by ``q·r``. Only the selected rows' exact
-    scores are computed afterwards. Any other distance ranks on its full matrix.
+    For the common metrics the ranking is deepmetric's exact nearest-neighbour search
+    (:func:`~deepmetric.evaluation.nearest_neighbors`, ties to the smaller index): Euclidean
+    (``LpDistance(p=2)``, any positive power) ranks by squared distance, and only the selected
+    rows' exact scores are computed afterwards; an inner product or cosine ranks by ``q·r``, its
+    own score. Any other distance ranks on its full matrix.
     """
 
     def __init__(self, rows: Tensor, distance: BaseDistance) -> None:
         self.rows = rows
         self.distance = distance
-        self.squared_norms = (rows * rows).sum(dim=1)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -125,15 +125,13 @@ class _References:
         distance = self.distance
         q = distance.maybe_normalize(queries)
         if type(distance) is LpDistance and distance.p == 2 and distance.power > 0:
-            key = torch.addmm(self.squared_norms, q, self.rows.t(), alpha=-2.0)
-            index = _top(key, k, largest=False)
+            _, index = nearest_neighbors(q, self.rows, k)
             chosen = self.rows[index.flatten()]
             scores = distance.pairwise_distance(q.repeat_interleave(k, dim=0), chosen)
             return scores.view(len(q), k), index
         if type(distance) in (DotProductSimilarity, CosineSimilarity) and distance.power == 1:
-            mat = q @ self.rows.t()  # already the similarity
-        else:
-            mat = distance.compute_powered_mat(q, self.rows)
+            return nearest_neighbors(q, self.rows, k, metric="inner_product")  # the similarity
+        mat = distance.compute_powered_mat(q, self.rows)
         index = _top(mat, k, largest=distance.is_inverted)
         return mat.gather(1, index), index
 

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from .config import METRIC_NAMES  # noqa: E402
+from .evaluation.neighbors import nearest_neighbors  # noqa: E402
 from .io import atomic_write, atomic_write_json  # noqa: E402
 from .verification import evaluate_labelled_set, plot_verification  # noqa: E402
 
@@ -163,12 +164,13 @@ def plot_neighbours(
 
 
 def nearest_neighbours(query: Tensor, gallery: Tensor, n: int, exclude_self: bool) -> Tensor:
-    """``(Q, n)`` indices of the nearest gallery rows (Euclidean); with ``exclude_self`` the query
-    ``i`` is gallery row ``i`` and is skipped."""
-    dist = torch.cdist(query.float(), gallery.float())
-    if exclude_self:
-        dist.fill_diagonal_(float("inf"))
-    return dist.topk(min(n, gallery.shape[0] - int(exclude_self)), largest=False).indices
+    """``(Q, n)`` indices of the nearest gallery rows (Euclidean, ties to the smaller index;
+    fewer when the gallery is smaller); with ``exclude_self`` the query ``i`` is gallery row ``i``
+    and is skipped. :func:`deepmetric.evaluation.nearest_neighbors` does the search."""
+    k = min(n, gallery.shape[0] - int(exclude_self))
+    if k < 1:
+        return torch.empty(len(query), 0, dtype=torch.int64)
+    return nearest_neighbors(query.float(), gallery.float(), k, exclude_self=exclude_self)[1]
 
 
 def verification_record(
