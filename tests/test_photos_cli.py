@@ -184,6 +184,7 @@ def test_a_hugging_face_trunk_from_a_local_folder_trains_and_reloads(
     assert info["input_spec"]["size"] == 32
     results = json.loads((out / "results.json").read_text())
     assert results["table"][1]["embedding"] == "pretrained backbone (not fine-tuned)"
+    shutil.rmtree(folder)  # the run folder keeps the architecture; the weights are its own
     emb = tmp_path / "e.npy"
     assert main(["embed", "--run", str(out), "--dataset", f"folder:{faces}", "--out",
                  str(emb), "--no-progress"]) == 0  # fmt: skip

@@ -215,6 +215,9 @@ def _start_run_folder(config: RunConfig, mode: str, data: RunData, model: nn.Mod
     """Prepare ``config.out`` (:func:`deepmetric.run_folder.prepare`) and record in ``run.json``
     what later commands need: the model's input and architecture, the classes, the data."""
     run_folder.prepare(config, mode)  # type: ignore[arg-type]
+    hf_folder = _hf_folder(config.model.trunk)
+    if hf_folder is not None:  # the architecture, so the run reloads without that folder
+        run_folder.keep_backbone_config(config.out, hf_folder)
     splits = {"train": data.train, "val": data.val, "test": data.test}
     run_folder.write_info(
         config.out,
@@ -342,6 +345,14 @@ def run_experiment(config: RunConfig, mode: str = "auto") -> dict[str, Any]:
     report.write_json(out / "results.json", results)  # the scores, even if the report fails
     write_report(out, config, results, model, data.train, data.test, data.val)
     return results
+
+
+def _hf_folder(trunk: str) -> Path | None:
+    """The local folder of a Hugging Face trunk (``hf:DIR``, ``transformers:DIR`` or a folder
+    holding a ``config.json``), else None."""
+    kind, sep, rest = trunk.partition(":")
+    folder = Path(rest) if sep and kind in ("hf", "transformers") else Path(trunk)
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _absolute_path(spec: str) -> str | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import RunConfig, load_config, save_config
-from .io import atomic_write_json
+from .io import atomic_write, atomic_write_json
 
 __all__ = [
     "RUN_FILES",
@@ -50,6 +50,7 @@ RUN_FILES = (
     "neighbours.png",
     "verification.png",
     "tensorboard",
+    "backbone",
 )
 #: Options that change how a run is shown, not what it computes: free to differ on resume.
 COSMETIC_KEYS = ("train.progress", "out", "projection")
@@ -144,6 +145,21 @@ def prepare(
         raise ValueError(f"{folder} holds this run, finished (results.json): {how}")
     save_config(config, folder / "config.yaml")  # the same options; cosmetic ones updated
     return "resumed"
+
+
+#: Where a run keeps the configuration files of a Hugging Face trunk (its weights are in the
+#: checkpoints), so that the run reloads when the model's own folder is gone.
+BACKBONE_FOLDER = "backbone"
+
+
+def keep_backbone_config(folder: str | Path, source: str | Path) -> Path:
+    """Copy the JSON files of a Hugging Face model folder (``config.json``, the image
+    processor's settings) into ``folder/backbone``; returns that folder."""
+    target = Path(folder) / BACKBONE_FOLDER
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(source).glob("*.json")):
+        atomic_write(target / path.name, path.read_bytes())
+    return target
 
 
 def write_info(folder: str | Path, info: RunInfo) -> Path:

@@ -90,6 +90,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "best.pt") -> TrainedRun:
     info = run_folder.read_info(folder)
     state = load_checkpoint(folder / checkpoint)
     described = info.extra.get("model")
+    kept = folder / run_folder.BACKBONE_FOLDER
+    if isinstance(described, dict) and (kept / "config.json").is_file():
+        described = {**described, "trunk": f"hf:{kept}"}  # the copy recorded at training time
     if isinstance(described, dict):  # built by build_embedder: no weights file, no download
         model: nn.Module = embedder_from_config(described, pretrained=False)
     else:
