@@ -12,11 +12,13 @@ import torch
 from torch import Tensor
 
 
-def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
+def check_embeddings(embeddings: Tensor, name: str = "embeddings", magnitude: bool = True) -> None:
     """Raise ``ValueError`` unless ``embeddings`` is a finite floating ``(N, D)`` tensor whose
     distances can be computed: squared distances and inner products of ``(N, D)`` values up
     to ``m`` reach ``4 m² D``, which must stay below the largest float of the dtype they are
-    computed in (float32 for float16/bfloat16/float32 inputs, float64 for float64)."""
+    computed in (float32 for float16/bfloat16/float32 inputs, float64 for float64).
+    ``magnitude=False`` skips that last check, for a caller that scales rows itself (the
+    index normalises rows of any magnitude exactly)."""
     if not isinstance(embeddings, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.ndim != 2:
@@ -31,6 +33,8 @@ def check_embeddings(embeddings: Tensor, name: str = "embeddings") -> None:
     largest = float(embeddings.detach().abs().amax())
     if not math.isfinite(largest):
         raise ValueError(f"{name} contain NaN or Inf")
+    if not magnitude:
+        return
     computed = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     limit = math.sqrt(torch.finfo(computed).max / (4 * embeddings.shape[1]))
     if largest >= limit:

@@ -908,7 +908,7 @@ class EmbeddingIndex:
         ``F.normalize`` in float32 squares it to inf.
         """
         tensor = _as_tensor(embeddings, name)
-        check_embeddings(tensor, name)  # 2-D, floating point, finite
+        check_embeddings(tensor, name, magnitude=False)  # 2-D, floating, finite; scale below
         if tensor.shape[1] != self.embedding_size:
             raise ValueError(
                 f"{name} have {tensor.shape[1]} dimensions, the index holds "
