@@ -233,3 +233,17 @@ def test_synthetic_folders_are_deterministic_and_keep_each_class(tmp_path: Path)
     assert sorted({p.parent.name for p in faces}) == ["person000", "person001"]
     with pytest.raises(ValueError, match="size >= 32"):
         make_faces(tmp_path / "d", size=16)
+
+
+def test_photo_augment_overrides_the_defaults_key_by_key() -> None:
+    from deepmetric.config import PHOTO_AUGMENT, RunConfig
+    from deepmetric.runs import build_model, photo_transforms
+
+    config = RunConfig.from_dict({"dataset": "folder:x", "photo_augment": {"hflip": 0.0}})
+    model = build_model(config.model, (3, 1, 1))
+    evaluation, training, size = photo_transforms(config, model)
+    assert size == 64 and evaluation.size == 64
+    assert training is not None and training.hflip == 0.0
+    assert tuple(training.scale) == tuple(PHOTO_AUGMENT["scale"])  # kept from the defaults
+    config = RunConfig.from_dict({"dataset": "folder:x", "photo_augment": None})
+    assert photo_transforms(config, model)[1] is None

@@ -17,9 +17,9 @@ A config file names every part; any key left out takes its default::
                                # null: only for omniglot
     augment: null              # random affine distortions of training images: a mapping of
                                # deepmetric.augment.RandomAffine's arguments ({} = defaults)
-    photo_augment: {scale: [0.5, 1.0]}   # photos: random resized crop, flip, colour jitter
-                               # (keyword arguments of deepmetric.transforms.TrainTransform;
-                               # keys left out take its defaults; null: no augmentation)
+    photo_augment: {}          # photos: random resized crop, flip, colour jitter (keyword
+                               # arguments of deepmetric.transforms.TrainTransform; keys left
+                               # out take PHOTO_AUGMENT's values; null: no augmentation)
     test_time_augment: 0       # also score the trained network on the mean embedding of each
                                # image and this many distorted copies (needs augment)
     model: {trunk: small_cnn, embedding_size: 128}   # or trunk: efficientnet_lite0, hf:DIR
@@ -308,6 +308,13 @@ class ModelConfig:
             raise ValueError("trunk must name a trunk, e.g. small_cnn or efficientnet_lite0")
 
 
+#: The photo augmentation's settings that differ from :class:`~deepmetric.transforms.
+#: TrainTransform`'s own; a run's ``photo_augment`` overrides them key by key. Crops of at
+#: least half the photo: with the transform's (0.16, 1), the range of long ImageNet-style
+#: schedules, a short run from scratch ended below a plain loop on resized photos
+#: (benchmarks/photo_defaults.py: tuned on products, confirmed on faces).
+PHOTO_AUGMENT: dict[str, Any] = {"scale": [0.5, 1.0]}
+
 #: Methods of the report's 2-D embedding map (see :func:`deepmetric.report.project_2d`).
 PROJECTIONS = ("pca", "umap")
 
@@ -322,10 +329,7 @@ class RunConfig:
     val_classes: int | float = 0.1
     rotations: bool | None = None
     augment: dict[str, float] | None = None
-    # Crops of at least half the photo: with the transform's own (0.16, 1) (the long ImageNet-
-    # style schedules' range) a short run from scratch ends below training on the plain resized
-    # photos; see benchmarks/photo_defaults.py, tuned on products and confirmed on faces.
-    photo_augment: dict[str, Any] | None = field(default_factory=lambda: {"scale": [0.5, 1.0]})
+    photo_augment: dict[str, Any] | None = field(default_factory=dict)
     test_time_augment: int = 0
     split_seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -359,7 +363,7 @@ class RunConfig:
             from .transforms import TrainTransform
 
             try:
-                TrainTransform(**self.photo_augment)
+                TrainTransform(**{**PHOTO_AUGMENT, **self.photo_augment})
             except (TypeError, ValueError) as error:
                 raise ValueError(f"photo_augment: {error}") from error
         if self.augment is not None:

@@ -20,7 +20,15 @@ from . import losses as losses_module
 from . import miners as miners_module
 from ._config import check_kwargs
 from .augment import RandomAffine
-from .config import PROJECTIONS, ModelConfig, RunConfig, TrainConfig, load_config, save_config
+from .config import (
+    PHOTO_AUGMENT,
+    PROJECTIONS,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+    save_config,
+)
 from .data import ArrayDataset
 from .hdml import HDML
 from .models import EmbeddingNet, build_embedder
@@ -211,7 +219,8 @@ def photo_transforms(
     evaluation = EvalTransform(size, mean=mean, std=std)
     training = None
     if config.photo_augment is not None:
-        training = TrainTransform(size, mean=mean, std=std, **config.photo_augment)
+        options = {**PHOTO_AUGMENT, **config.photo_augment}
+        training = TrainTransform(size, mean=mean, std=std, **options)
     return evaluation, training, size
 
 
