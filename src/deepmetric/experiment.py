@@ -126,6 +126,20 @@ def _embed_all(model: nn.Module, dataset: Any, config: RunConfig, device: torch.
     )
 
 
+def _test_scores(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
+    """The table's scores of held-out classes: Recall@1, MAP@R and (where a class has two
+    images) 1-shot identification."""
+    metrics = retrieval_metrics(embeddings, labels)
+    scores = {
+        "Recall@1": metrics["precision_at_1"],
+        "MAP@R": metrics["mean_average_precision_at_r"],
+    }
+    one_shot = one_shot_identification(embeddings, labels)
+    if one_shot is not None:
+        scores["1-shot id"] = one_shot
+    return scores
+
+
 def _score_row(
     name: str, model: nn.Module, data: RunData, config: RunConfig, device: torch.device
 ) -> tuple[dict[str, Any], list[float]]:
@@ -134,12 +148,7 @@ def _score_row(
     row: dict[str, Any] = {"embedding": name}
     if len(data.test):
         embedded = _labelled(_embed_all(model, data.test, config, device))
-        metrics = retrieval_metrics(embedded.embeddings, embedded.labels)
-        row["Recall@1"] = metrics["precision_at_1"]
-        row["MAP@R"] = metrics["mean_average_precision_at_r"]
-        one_shot = one_shot_identification(embedded.embeddings, embedded.labels)
-        if one_shot is not None:
-            row["1-shot id"] = one_shot
+        row.update(_test_scores(embedded.embeddings, embedded.labels))
     per_run: list[float] = []
     if data.one_shot_runs:
         was_training = model.training
@@ -272,12 +281,7 @@ def _score_table(
         embed_batch = config.train.embed_batch_size
         if len(data.test):
             emb = embed_augmented(model, data.test.x, tta, copies, batch_size=embed_batch)
-            metrics = retrieval_metrics(emb, data.test.labels)
-            tta_row["Recall@1"] = metrics["precision_at_1"]
-            tta_row["MAP@R"] = metrics["mean_average_precision_at_r"]
-            one_shot = one_shot_identification(emb, data.test.labels)
-            if one_shot is not None:
-                tta_row["1-shot id"] = one_shot
+            tta_row.update(_test_scores(emb, data.test.labels))
         if data.one_shot_runs:
             per_run[name] = one_shot_accuracies(
                 lambda x: embed_augmented(model, x, tta, copies, batch_size=embed_batch),
