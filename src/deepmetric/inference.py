@@ -18,6 +18,7 @@ reported in :attr:`Embedded.skipped_indices`.
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ._malloc import return_freed_memory
 from .data import collate_samples
 
 __all__ = ["Embedded", "collate_samples", "embed", "embed_dataset", "is_lazy_dataset"]
@@ -117,6 +119,16 @@ def embed_dataset(
         model.train(was_training)
 
 
+def init_loader_worker(worker_id: int) -> None:
+    """The ``worker_init_fn`` of the DataLoaders of deepmetric: a worker leaves Ctrl-C to the main
+    process, which finishes its step and writes a checkpoint (a terminal sends SIGINT to the
+    whole process group), and hands the memory of each batch it has sent back to the system
+    (:func:`~deepmetric._malloc.return_freed_memory`: otherwise its heap grows with every
+    batch)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return_freed_memory()
+
+
 def _embed_streamed(
     model: nn.Module,
     dataset: Dataset[Any],
@@ -136,6 +148,7 @@ def _embed_streamed(
         collate_fn=collate_samples,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=init_loader_worker if num_workers > 0 else None,
     )
     out: list[Tensor] = []
     labels: list[Tensor] = []

@@ -12,7 +12,6 @@ an epoch sees the same augmented images as one that was never stopped.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..inference import collate_samples
+from ..inference import collate_samples, init_loader_worker
 from ..samplers import PKSampler
 from .config import TrainConfig
 
@@ -69,12 +68,6 @@ class SeededBatchSampler(Sampler[list[Any]]):
             yield list(zip(batch, seeds[first_slot:], strict=True))
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Workers leave Ctrl-C to the training process, which finishes its step and writes a
-    checkpoint (a terminal sends SIGINT to the whole process group)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def train_loader(
     dataset: Dataset[Any], sampler: PKSampler, config: TrainConfig, device: torch.device
 ) -> DataLoader[Any]:
@@ -90,5 +83,5 @@ def train_loader(
         persistent_workers=workers > 0 and config.persistent_workers,
         pin_memory=pin,
         prefetch_factor=config.prefetch_factor if workers > 0 else None,
-        worker_init_fn=_ignore_sigint if workers > 0 else None,
+        worker_init_fn=init_loader_worker if workers > 0 else None,
     )
