@@ -78,6 +78,19 @@ VARIANTS: dict[str, list[str]] = {
     "constant_lr": ["--scheduler", "none"],
     "crop_0.5_square": ["--set", "photo_augment={scale: [0.5, 1.0], ratio: [1.0, 1.0]}"],
     "crop_0.5_constant_lr": ["--set", "photo_augment.scale=[0.5, 1.0]", "--scheduler", "none"],
+    "eval_whole": ["--set", "eval_crop=1.0"],
+    "flip_only_whole": ["--set", "photo_augment.scale=[1.0, 1.0]", "--set", "eval_crop=1.0"],
+    "crop_0.8_whole": ["--set", "photo_augment.scale=[0.8, 1.0]", "--set", "eval_crop=1.0"],
+    "no_augment_whole": ["--set", "photo_augment=null", "--set", "eval_crop=1.0"],
+    "loop_like": ["--set", "photo_augment=null", "--set", "eval_crop=1.0", "--scheduler", "none"],
+    "flip_only_whole_constant_lr": [
+        "--set",
+        "photo_augment.scale=[1.0, 1.0]",
+        "--set",
+        "eval_crop=1.0",
+        "--scheduler",
+        "none",
+    ],
 }
 
 

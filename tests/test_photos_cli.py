@@ -247,3 +247,18 @@ def test_photo_augment_overrides_the_defaults_key_by_key() -> None:
     assert tuple(training.scale) == tuple(PHOTO_AUGMENT["scale"])  # kept from the defaults
     config = RunConfig.from_dict({"dataset": "folder:x", "photo_augment": None})
     assert photo_transforms(config, model)[1] is None
+
+
+def test_eval_crop_sets_the_evaluation_centre_crop() -> None:
+    from deepmetric.config import RunConfig
+    from deepmetric.runs import build_model, photo_transforms
+
+    model = build_model(RunConfig().model, (3, 1, 1))
+    default = photo_transforms(RunConfig.from_dict({"dataset": "folder:x"}), model)[0]
+    assert (default.size, default.resize) == (64, 73)  # 224 of 256, ImageNet's recipe
+    whole = RunConfig.from_dict({"dataset": "folder:x", "eval_crop": 1.0, "image_size": 96})
+    evaluation = photo_transforms(whole, model)[0]
+    assert (evaluation.size, evaluation.resize) == (96, 96)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="eval_crop"):
+            RunConfig.from_dict({"dataset": "folder:x", "eval_crop": bad})

@@ -10,6 +10,7 @@ deterministic one, ``accepts_sample_seeds = True``.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -259,3 +260,13 @@ def test_a_lazy_validation_set_scores_as_the_same_images_in_memory(
     lazy_scores = trainer.evaluate(val)
     memory_scores = trainer.evaluate(as_array_dataset(val))
     assert lazy_scores == pytest.approx(memory_scores, abs=1e-6)
+
+
+def test_auto_workers_decode_files_and_leave_memory_alone(tmp_path: Path) -> None:
+    from deepmetric.inference import loader_workers
+
+    lazy = write_pngs(tmp_path, range(2), 2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert loader_workers("auto", lazy) == min(4, cores or 1)
+    assert loader_workers("auto", as_array_dataset(lazy)) == 0
+    assert loader_workers(3, as_array_dataset(lazy)) == 3  # a number is taken as it is

@@ -41,7 +41,8 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
         ({"num_workers": 1.5}, "num_workers"),
         ({"persistent_workers": "yes"}, "persistent_workers"),
         ({"pin_memory": "sometimes"}, "pin_memory"),
-        ({"prefetch_factor": 2}, "prefetch_factor"),  # without workers
+        ({"prefetch_factor": 2, "num_workers": 0}, "prefetch_factor"),  # without workers
+        ({"num_workers": "all"}, "num_workers"),
         ({"backbone_lr": 0.0}, "backbone_lr"),
         ({"backbone_lr": "0.1"}, "backbone_lr"),
         ({"freeze_backbone_epochs": -1}, "freeze_backbone_epochs"),

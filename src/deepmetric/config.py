@@ -20,6 +20,9 @@ A config file names every part; any key left out takes its default::
     photo_augment: {}          # photos: random resized crop, flip, colour jitter (keyword
                                # arguments of deepmetric.transforms.TrainTransform; keys left
                                # out take PHOTO_AUGMENT's values; null: no augmentation)
+    eval_crop: 0.875           # photos: the evaluation's centre crop keeps this fraction of the
+                               # resized shorter side (0.875 = 224 of 256, ImageNet's; 1.0 keeps
+                               # the whole square, for photos already cropped to the subject)
     test_time_augment: 0       # also score the trained network on the mean embedding of each
                                # image and this many distorted copies (needs augment)
     model: {trunk: small_cnn, embedding_size: 128}   # or trunk: efficientnet_lite0, hf:DIR
@@ -59,6 +62,9 @@ __all__ = [
 
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+
+#: The most ``DataLoader`` workers ``num_workers: auto`` starts for images read from files.
+AUTO_WORKERS = 4
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -113,8 +119,10 @@ class TrainConfig:
         tensorboard: also write the per-epoch metrics to ``run_dir/tensorboard``; needs the
             ``tensorboard`` package (a warning says so when it is missing).
         num_workers: ``DataLoader`` worker processes that read (and, for image datasets,
-            decode and transform) the training and validation samples; 0 reads them in the
-            training process.
+            decode and transform) the training and evaluation samples; 0 reads them in the
+            training process. ``"auto"``: for images read from files, one per CPU core, at most
+            4 (decoding JPEGs in the training process would leave the
+            network waiting); 0 for data held in memory, which needs no decoding.
         persistent_workers: keep the workers alive from one epoch to the next (no re-spawn);
             only used with ``num_workers > 0``.
         pin_memory: page-locked batches for faster copies to the GPU: ``"auto"`` (on CUDA),
@@ -155,7 +163,7 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = True
     tensorboard: bool = False
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"
     persistent_workers: bool = True
     pin_memory: bool | Literal["auto"] = "auto"
     prefetch_factor: int | None = None
@@ -190,7 +198,12 @@ class TrainConfig:
                 f"metric must be one of {', '.join(RETRIEVAL_METRICS)}, got {self.metric!r}"
             )
         self._check_amp()
-        _check_int("num_workers", self.num_workers, 0)
+        if isinstance(self.num_workers, str) and self.num_workers != "auto":
+            raise ValueError(
+                f"num_workers must be an integer >= 0 or auto, got {self.num_workers!r}"
+            )
+        if self.num_workers != "auto":
+            _check_int("num_workers", self.num_workers, 0)
         _check_bool("persistent_workers", self.persistent_workers)
         if self.pin_memory not in ("auto", True, False):
             raise ValueError(f"pin_memory must be auto, true or false, got {self.pin_memory!r}")
@@ -333,6 +346,7 @@ class RunConfig:
     rotations: bool | None = None
     augment: dict[str, float] | None = None
     photo_augment: dict[str, Any] | None = field(default_factory=dict)
+    eval_crop: float = 0.875
     test_time_augment: int = 0
     split_seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -351,6 +365,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if not 0 < self.eval_crop <= 1:
+            raise ValueError(f"eval_crop must lie in (0, 1], got {self.eval_crop}")
         if self.test_time_augment < 0:
             raise ValueError(f"test_time_augment must be an int >= 0, got {self.test_time_augment}")
         if self.test_time_augment and self.augment is None:

@@ -25,7 +25,7 @@ from .config import RunConfig, TrainConfig
 from .distributed import is_distributed
 from .evaluation import nearest_neighbors
 from .fewshot import one_shot_accuracy
-from .inference import embed_dataset
+from .inference import embed_dataset, loader_workers
 from .runs import (
     RunData,
     build_augment,
@@ -121,7 +121,7 @@ def _embed_all(model: nn.Module, dataset: Any, config: RunConfig, device: torch.
         dataset,
         batch_size=config.train.embed_batch_size,
         device=device,
-        num_workers=config.train.num_workers,
+        num_workers=loader_workers(config.train.num_workers, dataset),
         progress=config.train.progress,
     )
 

@@ -18,6 +18,7 @@ reported in :attr:`Embedded.skipped_indices`.
 
 from __future__ import annotations
 
+import os
 import signal
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._malloc import return_freed_memory
+from .config import AUTO_WORKERS
 from .data import collate_samples
 
 __all__ = ["Embedded", "collate_samples", "embed", "embed_dataset", "is_lazy_dataset"]
@@ -38,6 +40,19 @@ __all__ = ["Embedded", "collate_samples", "embed", "embed_dataset", "is_lazy_dat
 def is_lazy_dataset(data: object) -> bool:
     """True for a dataset that decodes its samples on demand (it has no in-memory ``x``)."""
     return isinstance(data, Dataset) and not isinstance(getattr(data, "x", None), Tensor)
+
+
+def loader_workers(setting: int | str, dataset: object) -> int:
+    """The number of ``DataLoader`` workers for ``dataset``: ``setting`` when it is a number;
+    for ``"auto"``, one per CPU core this process may use, at most
+    :data:`~deepmetric.config.AUTO_WORKERS`, for a dataset decoded from files, and 0 for one
+    held in memory (a worker would only copy its tensors)."""
+    if setting != "auto":
+        return int(setting)
+    if not is_lazy_dataset(dataset):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(AUTO_WORKERS, cores or 1)
 
 
 @dataclass

@@ -216,7 +216,7 @@ def photo_transforms(
         size = PHOTO_SIZE_SMALL_CNN
     else:
         size = spec.size
-    evaluation = EvalTransform(size, mean=mean, std=std)
+    evaluation = EvalTransform(size, resize=round(size / config.eval_crop), mean=mean, std=std)
     training = None
     if config.photo_augment is not None:
         options = {**PHOTO_AUGMENT, **config.photo_augment}

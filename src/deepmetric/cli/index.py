@@ -50,7 +50,7 @@ from .. import run_folder
 from ..config import RunConfig, load_config
 from ..data import DECODE_ERRORS, decode_image, open_dataset
 from ..index import MANIFEST_NAME, EmbeddingIndex, SearchResult, model_fingerprint
-from ..inference import Embedded, embed_dataset
+from ..inference import Embedded, embed_dataset, loader_workers
 from ..io import atomic_write_json
 from ..models import embedder_from_config
 from ..runs import build_model, dataset_kind, load_dataset
@@ -165,7 +165,7 @@ def embed_for_run(run: TrainedRun, data: Any, progress: bool = True) -> Embedded
         run.model,
         data,
         batch_size=run.config.train.embed_batch_size,
-        num_workers=run.config.train.num_workers,
+        num_workers=loader_workers(run.config.train.num_workers, data),
         progress=progress,
     )
 

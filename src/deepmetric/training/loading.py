@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..inference import collate_samples, init_loader_worker
+from ..inference import collate_samples, init_loader_worker, loader_workers
 from ..samplers import PKSampler
 from .config import TrainConfig
 
@@ -73,7 +73,7 @@ def train_loader(
 ) -> DataLoader[Any]:
     """The ``DataLoader`` of the training batches: ``(x, labels, skipped_indices)`` per batch
     (:func:`~deepmetric.inference.collate_samples`)."""
-    workers = config.num_workers
+    workers = loader_workers(config.num_workers, dataset)
     pin = device.type == "cuda" if config.pin_memory == "auto" else bool(config.pin_memory)
     return DataLoader(
         dataset,

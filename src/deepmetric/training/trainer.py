@@ -34,7 +34,7 @@ from ..distributed import (
 )
 from ..evaluation import AccuracyCalculator
 from ..hdml import HDML
-from ..inference import embed_dataset, is_lazy_dataset
+from ..inference import embed_dataset, is_lazy_dataset, loader_workers
 from ..losses.base import BaseMetricLossFunction
 from ..losses.cross_batch_memory import CrossBatchMemory
 from ..miners import BaseMiner
@@ -551,7 +551,7 @@ class Trainer:
                 dataset,
                 self.config.embed_batch_size,
                 self.device,
-                num_workers=self.config.num_workers if is_lazy_dataset(dataset) else 0,
+                num_workers=loader_workers(self.config.num_workers, dataset),
             )
             assert result.labels is not None
             return retrieval_metrics(result.embeddings, result.labels)
@@ -572,7 +572,7 @@ class Trainer:
             dataset,
             self.config.embed_batch_size,
             self.device,
-            num_workers=self.config.num_workers if is_lazy_dataset(dataset) else 0,
+            num_workers=loader_workers(self.config.num_workers, dataset),
             indices=range(bounds[self.rank], bounds[self.rank + 1]),
         )
         assert local.labels is not None
