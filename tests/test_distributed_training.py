@@ -1,8 +1,8 @@
 """Distributed training with real processes (gloo on the CPU): the Trainer and the command line.
 
-Two processes started by :func:`deepmetric._launch.start_processes` (the ``--nproc`` machinery:
-torchrun's environment variables, ``env://`` process group with a timeout) train on the built-in
-digits. Checked against runs of one process in this test process:
+Two processes started by :func:`deepmetric.distributed.launch.start_processes` (the ``--nproc``
+machinery: torchrun's environment variables, ``env://`` process group with a timeout) train on the
+built-in digits. Checked against runs of one process in this test process:
 
 * both ranks end with bit-identical weights, equal (1e-5) to the one-process run with the same
   seed: BatchNorm over the global batch, the global-batch loss and miner, augmentations of the
@@ -40,10 +40,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepmetric import data, losses, miners, models
-from deepmetric._launch import ProcessFailedError, start_processes
-from deepmetric._sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
 from deepmetric.augment import RandomAffine
 from deepmetric.cli import main
+from deepmetric.distributed.launch import ProcessFailedError, start_processes
+from deepmetric.distributed.sync_batchnorm import CPUSyncBatchNorm, convert_sync_batchnorm
 from deepmetric.training import TrainConfig, Trainer, load_checkpoint
 
 WORLD = 2

@@ -183,7 +183,7 @@ def test_streamed_path_equals_explicit_triplets(reducer, kwargs: dict, use_ref: 
 def test_streamed_path_with_tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     emb, labels = _batch(seed=23)
     expected = value_and_grad(losses.TripletMarginLoss(margin=0.3), emb, labels)
-    import deepmetric._pairs as pairs
+    import deepmetric.pairwise as pairs
 
     monkeypatch.setattr(pairs, "CHUNK_ELEMENTS", 1)
     original = pairs.positive_pair_chunks

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.multiprocessing.spawn import ProcessException
 from torch.multiprocessing.spawn import start_processes as torch_start_processes
 
-from .training import resolve_device
+from ..training import resolve_device
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
