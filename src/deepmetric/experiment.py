@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from . import report, run_folder
-from ._launch import launched_by_torchrun, process_group, start_processes
 from .augment import embed_augmented
 from .config import RunConfig, TrainConfig
 from .distributed import is_distributed
+from .distributed.launch import launched_by_torchrun, process_group, start_processes
 from .evaluation import nearest_neighbors
 from .fewshot import one_shot_accuracy
 from .inference import embed_dataset, loader_workers
@@ -588,11 +588,11 @@ def launch_experiment(
 ) -> dict[str, Any] | None:
     """:func:`run_experiment` in this process; in ``nproc`` new local processes (``--nproc``);
     or, when torchrun started this process, as one process of its job (see
-    :mod:`deepmetric._launch`; ``timeout_s`` bounds every wait on another process).
+    :mod:`deepmetric.distributed.launch`; ``timeout_s`` bounds every wait on another process).
 
     Returns the results, or None in a torchrun process other than rank 0 (the others only
     train). Raises ``ValueError`` for a bad ``nproc`` and
-    :class:`~deepmetric._launch.ProcessFailedError` when a started process fails.
+    :class:`~deepmetric.distributed.launch.ProcessFailedError` when a started process fails.
     """
     config.check_optional_packages()  # before any process starts
     if launched_by_torchrun():

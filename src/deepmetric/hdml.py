@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_embeddings, check_indices_tuple, check_labels
-from ._pairs import all_triplets, label_masks, pairs_to_triplets, random_triplets, to_pairs
 from .losses.npairs import NPairsLoss, first_pair_per_label
 from .losses.tuplet_npairs import TupletNPairsLoss
 from .losses.tuplet_npairs import grouped_log1p_sum_exp as grouped_log1p_sum_exp  # (re-export)
+from .pairwise import all_triplets, label_masks, pairs_to_triplets, random_triplets, to_pairs
 
 # Paper defaults (official code, github.com/wzzheng/HDML).
 ALPHA_TRIPLET = 7.0

@@ -223,7 +223,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_process_flags(parser: argparse.ArgumentParser) -> None:
-    """``--nproc`` and ``--dist-timeout`` (distributed training, see :mod:`deepmetric._launch`)."""
+    """``--nproc`` and ``--dist-timeout`` (distributed training, see
+    :mod:`deepmetric.distributed.launch`)."""
     group = parser.add_argument_group("distributed training")
     group.add_argument(
         "--nproc",
@@ -545,8 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, function_name = args.handler.split(":")
     module = importlib.import_module(f"{__name__}.{module_name}")
-    from .._launch import ProcessFailedError
     from .._malloc import keep_freed_memory
+    from ..distributed.launch import ProcessFailedError
     from ..training import TrainingInterrupted
 
     keep_freed_memory()  # no page faults on every step's large buffers (see _malloc)

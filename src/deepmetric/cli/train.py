@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._launch import launcher_rank
 from ..config import METRIC_NAMES, RunConfig, TrainConfig, load_config, parse_yaml
+from ..distributed.launch import launcher_rank
 from ..experiment import (
     demo_config,
     format_table,

@@ -28,13 +28,14 @@ and classifier are trained alongside, each with its own loss.
 
 **Distributed training.** Build the trainer in every process of an initialised
 ``torch.distributed`` process group (``deepmetric train --nproc N`` or ``torchrun`` start them, see
-:mod:`deepmetric._launch`); with more than one process it trains data-parallel, and a run ends with
-the weights one process would reach on the same global batches (up to float rounding):
+:mod:`deepmetric.distributed.launch`); with more than one process it trains data-parallel, and a
+run ends with the weights one process would reach on the same global batches (up to float
+rounding):
 
 * each process takes its disjoint share of every P×K batch (:class:`PKSampler`'s rank split:
   ``P / world_size`` classes × K samples), so the global batch is the one-process batch;
 * the model is wrapped in ``DistributedDataParallel``, its BatchNorm layers compute the global
-  batch's statistics (:mod:`deepmetric._sync_batchnorm`), the loss and the miner in
+  batch's statistics (:mod:`deepmetric.distributed.sync_batchnorm`), the loss and the miner in
   :class:`~deepmetric.distributed.DistributedLossWrapper` (in DDP too when it has parameters)
   and :class:`~deepmetric.distributed.DistributedMinerWrapper`, whose gradients after DDP's
   averaging are those of the global batch;

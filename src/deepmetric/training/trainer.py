@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .._sync_batchnorm import convert_sync_batchnorm
 from ..config import RETRIEVAL_METRICS
 from ..distributed import (
     DistributedLossWrapper,
@@ -32,6 +31,7 @@ from ..distributed import (
     is_distributed,
     world_size,
 )
+from ..distributed.sync_batchnorm import convert_sync_batchnorm
 from ..evaluation import AccuracyCalculator
 from ..hdml import HDML
 from ..inference import embed_dataset, is_lazy_dataset, loader_workers
