@@ -63,6 +63,9 @@ __all__ = [
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 
+#: Learning-rate schedules (see :class:`TrainConfig`).
+SCHEDULERS = ("auto", "cosine", "step", "none")
+
 #: The most ``DataLoader`` workers ``num_workers: auto`` starts for images read from files.
 AUTO_WORKERS = 4
 
@@ -92,7 +95,11 @@ class TrainConfig:
         loss_lr: learning rate of the loss's own parameters (proxies, class weights).
         weight_decay: AdamW weight decay of the model.
         scheduler: ``"cosine"`` (cosine decay to 0 over the run, after ``warmup_epochs`` of
-            linear warm-up), ``"step"`` (x0.1 at 2/3 of the run) or ``"none"``.
+            linear warm-up), ``"step"`` (x0.1 at 2/3 of the run), ``"none"`` (constant), or
+            ``"auto"``: constant for images decoded from files (photos), cosine for data held
+            in memory (Omniglot, digits, arrays). On photos a cosine decay to 0 halves the
+            mean learning rate of a short run and lost to a plain loop on faces; constant won
+            there and tied on two product sets (benchmarks/photo_defaults.py).
         warmup_epochs: linear warm-up length.
         grad_clip: clip the gradient norm of the model and loss parameters to this (None: no
             clipping).
@@ -149,7 +156,7 @@ class TrainConfig:
     lr: float = 1e-3
     loss_lr: float = 1e-2
     weight_decay: float = 0.0
-    scheduler: Literal["cosine", "step", "none"] = "cosine"
+    scheduler: Literal["auto", "cosine", "step", "none"] = "auto"
     warmup_epochs: int = 0
     grad_clip: float | None = None
     eval_every: int = 1
@@ -183,8 +190,10 @@ class TrainConfig:
             raise ValueError("lr and loss_lr must be > 0")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.scheduler not in ("cosine", "step", "none"):
-            raise ValueError(f"scheduler must be cosine, step or none, got {self.scheduler!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
+            )
         if self.warmup_epochs != 0 and not 0 < self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
         if self.grad_clip is not None and not self.grad_clip > 0:

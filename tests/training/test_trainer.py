@@ -83,6 +83,31 @@ def test_config_errors_name_the_problem() -> None:
         TrainConfig(scheduler="linear")
 
 
+def _learning_rates(trainer: Trainer, steps: int) -> list[float]:
+    """The model group's learning rate at each of the first ``steps`` steps."""
+    factor = trainer.scheduler.lr_lambdas[0]
+    return [trainer.config.lr * factor(step) for step in range(steps)]
+
+
+@pytest.mark.parametrize("scheduler", ["auto", "cosine", "none"])
+def test_auto_schedule_is_cosine_in_memory_and_constant_for_photo_files(
+    tmp_path: Path, scheduler: str
+) -> None:
+    import math
+
+    from tests.lazy_pngs import write_pngs
+
+    config = TrainConfig(epochs=2, p=2, k=2, progress=False, scheduler=scheduler, lr=0.01)
+    photos = write_pngs(tmp_path, range(2), 4)  # 2 batches an epoch: 4 steps in all
+    in_memory = _digits(range(2))
+    for data, decays in ((in_memory, scheduler != "none"), (photos, scheduler == "cosine")):
+        trainer = Trainer(_model(), losses.TripletMarginLoss(), data, config)
+        steps = config.epochs * len(trainer.sampler)
+        cosine = [0.005 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)]
+        expected = cosine if decays else [0.01] * steps
+        assert _learning_rates(trainer, steps) == pytest.approx(expected)
+
+
 # -- HDML -------------------------------------------------------------------------------------
 
 

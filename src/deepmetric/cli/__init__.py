@@ -122,7 +122,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             group.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=text)
         else:
-            metavar = f.name.upper() if f.name != "scheduler" else "{cosine,step,none}"
+            metavar = f.name.upper() if f.name != "scheduler" else "{auto,cosine,step,none}"
             group.add_argument(flag, type=_yaml_value, default=None, metavar=metavar, help=text)
     run = parser.add_argument_group("run options (override the config)")
     run.add_argument("--dataset", default=None, metavar="SPEC", help=DATASET_HELP + " [omniglot]")

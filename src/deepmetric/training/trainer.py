@@ -83,17 +83,22 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
-def _lr_factor(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+def _lr_factor(config: TrainConfig, steps_per_epoch: int, photos: bool) -> Callable[[int], float]:
+    """The learning rate's factor at each step; ``photos``: the data is decoded from files,
+    which ``scheduler: auto`` trains at a constant rate."""
     total = config.epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch
+    scheduler = config.scheduler
+    if scheduler == "auto":
+        scheduler = "none" if photos else "cosine"
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if config.scheduler == "cosine":
+        if scheduler == "cosine":
             progress = (step - warmup) / max(1, total - warmup)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if config.scheduler == "step":
+        if scheduler == "step":
             return 0.1 if step >= 2 * total // 3 else 1.0
         return 1.0
 
@@ -231,7 +236,7 @@ class Trainer:
         self._backbone: list[nn.Parameter] = []  # the trunk's trainable parameters, own group
         self.optimizer = self._make_optimizer()
         steps_per_epoch = len(self.sampler)
-        factor = _lr_factor(self.config, steps_per_epoch)
+        factor = _lr_factor(self.config, steps_per_epoch, is_lazy_dataset(train_set))
         frozen = _frozen_until(factor, self.config.freeze_backbone_epochs * steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
