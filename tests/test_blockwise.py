@@ -28,27 +28,27 @@ from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor
 
 from deepmetric import distances, miners, pairwise, reducers
-from deepmetric.losses.circle import CircleLoss, circle_row_losses, circle_row_losses_and_grad
+from deepmetric.functional import circle_rows as circle_row_losses_and_grad
+from deepmetric.functional import (
+    generalized_lifted_structure_rows as generalized_lifted_structure_row_losses_and_grad,
+)
+from deepmetric.functional import multi_similarity_rows as multi_similarity_row_losses_and_grad
+from deepmetric.functional import ranked_list_rows as ranked_list_row_losses_and_grad
+from deepmetric.losses.circle import CircleLoss
 from deepmetric.losses.contrastive import ContrastiveLoss
-from deepmetric.losses.lifted import (
-    GeneralizedLiftedStructureLoss,
-    generalized_lifted_structure_losses,
-    generalized_lifted_structure_row_losses_and_grad,
-)
-from deepmetric.losses.multi_similarity import (
-    MultiSimilarityLoss,
-    multi_similarity_row_losses,
-    multi_similarity_row_losses_and_grad,
-)
+from deepmetric.losses.lifted import GeneralizedLiftedStructureLoss
+from deepmetric.losses.multi_similarity import MultiSimilarityLoss
 from deepmetric.losses.npairs import first_pair_per_label, first_pair_per_label_from_labels
-from deepmetric.losses.ranked_list import (
-    RankedListLoss,
-    ranked_list_row_losses,
-    ranked_list_row_losses_and_grad,
-)
+from deepmetric.losses.ranked_list import RankedListLoss
 from deepmetric.losses.triplet import TripletMarginLoss
 from deepmetric.pairwise import Batch, all_triplets, label_masks, prepare_batch
 from tests.parity import assert_same_loss, pk_labels, value_and_grad
+from tests.test_functional import circle_reference as circle_row_losses
+from tests.test_functional import (
+    generalized_lifted_reference as generalized_lifted_structure_losses,
+)
+from tests.test_functional import multi_similarity_reference as multi_similarity_row_losses
+from tests.test_functional import ranked_list_reference as ranked_list_row_losses
 
 
 # -- distances the fast path does not take: the same computation through the general path --------

@@ -9,28 +9,21 @@ negatives is computed once, and each positive pair combines the two rows it need
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
 from ..distances import BaseDistance
-from ..pairwise import (
-    RowBlock,
-    blockwise_row_losses,
-    pair_blocks_to_learn_from,
-    row_softmax_,
-    sparse_softmax,
-)
+from ..functional import generalized_lifted_structure_rows
+from ..pairwise import RowBlock, pair_blocks_to_learn_from, row_losses
 from ..reducers import LossDict
 from ._logsumexp import (
     at_most_one_pair_each,
     masked_logsumexp,
     positive_pairs_and_negative_weights,
 )
-from .base import BaseMetricLossFunction, Batch, LossOptions
+from .base import BaseMetricLossFunction, Batch, LossOptions, row_entry
 
 
 def lifted_structure_losses(
@@ -74,58 +67,6 @@ def lifted_structure_losses(
     remaining_pos_margin = distance.margin(mat[anchors, positives], pos_margin)
     # each positive pair appears twice, (i, j) and (j, i): hence the 1/2
     return F.relu(neg_term + remaining_pos_margin) ** 2 / 2
-
-
-def generalized_lifted_structure_losses(
-    mat: Tensor,
-    pos_mask: Tensor,
-    neg_mask: Tensor,
-    pos_margin: float,
-    neg_margin: float,
-    distance: BaseDistance,
-) -> Tensor:
-    """Per-query generalised lifted structure losses::
-
-        loss_i = relu(log Σ_{j pos} exp(d(i, j) - m+) + log Σ_{k neg} exp(m- - d(i, k)))
-
-    (each log-sum-exp is 0 when its set is empty; margins the other way round for a
-    similarity).
-
-    Args:
-        mat: ``(B, R)`` distance matrix.
-        pos_mask, neg_mask: ``(B, R)`` boolean masks of the positive and negative pairs.
-
-    Returns:
-        ``(B,)`` losses.
-    """
-    pos_lse, _ = masked_logsumexp(distance.margin(mat, pos_margin), pos_mask)
-    neg_lse, _ = masked_logsumexp(distance.margin(neg_margin, mat), neg_mask)
-    return F.relu(pos_lse + neg_lse)
-
-
-def generalized_lifted_structure_row_losses_and_grad(
-    block: RowBlock, pos_margin: float, neg_margin: float, distance: BaseDistance
-) -> tuple[Tensor, Tensor]:
-    """The losses of :func:`generalized_lifted_structure_losses` for the rows of ``block`` and,
-    in closed form, their gradient with respect to ``block.mat``: where a row's loss is positive,
-    the softmax weight of each entry in its log-sum-exp, ``+w`` for a positive distance and
-    ``-w`` for a negative one (the signs flip for a similarity); 0 elsewhere.
-
-    Shapes: ``block.mat`` ``(c, R)`` -> ``(c,)`` losses, ``(c, R)`` gradient.
-    """
-    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
-    sign = 1.0 if distance.is_inverted else -1.0  # d(negative exponent) / d mat
-    neg_exponent = block.fill_non_negatives_(distance.margin(neg_margin, mat), -math.inf)
-    neg_lse, grad = row_softmax_(neg_exponent, with_one=False)
-    pos_exponent = distance.margin(mat[rows, cols], pos_margin)
-    pos_lse, pos_weight = sparse_softmax(pos_exponent, rows, len(mat), with_one=False)
-    # an empty set contributes 0, as in PML
-    total = pos_lse.nan_to_num(neginf=0.0) + neg_lse.nan_to_num(neginf=0.0)
-    losses = F.relu(total)
-    active = (total > 0).to(mat.dtype)
-    grad.mul_((sign * active).unsqueeze(1))
-    grad[rows, cols] = -sign * active[rows] * pos_weight  # positives: these entries were 0
-    return losses, grad
 
 
 class LiftedStructureLoss(BaseMetricLossFunction):
@@ -189,18 +130,9 @@ class GeneralizedLiftedStructureLoss(BaseMetricLossFunction):
         pairs = pair_blocks_to_learn_from(batch)
         if pairs is None:
             return self.zero_losses()
-        if pairs.contradicting:
-            raise ValueError("indices_tuple names the same pair as both positive and negative")
-        losses = blockwise_row_losses(batch, self.distance, self._row_rule, pairs)
-        if losses is None:  # a distance the blockwise path does not compute
-            mat = self.distance(batch.embeddings, batch.ref_emb)
-            losses = generalized_lifted_structure_losses(
-                mat, *batch.masks(), self.pos_margin, self.neg_margin, self.distance
-            )
-        indices = torch.arange(len(losses), device=losses.device)
-        return {"loss": {"losses": losses, "indices": indices, "reduction_type": "element"}}
+        return {"loss": row_entry(row_losses(batch, self.distance, self._rule, pairs))}
 
-    def _row_rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
-        return generalized_lifted_structure_row_losses_and_grad(
+    def _rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
+        return generalized_lifted_structure_rows(
             block, self.pos_margin, self.neg_margin, self.distance
         )

@@ -14,13 +14,14 @@ through the pairs its labels or a miner's tuple define. This package holds:
   without any ``(B, R)`` mask built from labels (:class:`PairBlocks`, :class:`RowBlock`);
 * :mod:`~deepmetric.pairwise.gradients`: the embeddings' gradient of a weighted sum over the
   matrix, for the Euclidean and the inner-product kinds: dense, by blocks, or from a list;
-* :mod:`~deepmetric.pairwise.rows`: per-row losses with a closed-form gradient, one block of
-  rows at a time (:func:`blockwise_row_losses`);
+* :mod:`~deepmetric.pairwise.rows`: per-row losses with the closed-form gradient a row rule
+  states, for any distance (:func:`row_losses`);
 * :mod:`~deepmetric.pairwise.listed`: the distances of a few listed pairs without the matrix
   (:func:`pair_distances`).
 
-The fast paths cover the fusable distances; with any other distance a loss uses its autograd
-path, which gives the same values. The hand-written gradients are first-order only: a backward
+The fast paths cover the fusable distances; with any other distance the row losses apply the
+same row rule to the distance's whole matrix, and the other losses use their autograd path
+(the same values). The hand-written gradients are first-order only: a backward
 pass asked to build a graph (``create_graph=True``) raises rather than return a wrong one.
 Nothing here imports :mod:`deepmetric.losses` or :mod:`deepmetric.miners`: both import it.
 """
@@ -82,7 +83,7 @@ from .matrix import (
 )
 from .rows import (
     RowRule,
-    blockwise_row_losses,
+    row_losses,
     row_softmax_,
     sparse_softmax,
 )
@@ -104,7 +105,6 @@ __all__ = [
     "all_triplets",
     "as_compared",
     "at_most_one_pair_each",
-    "blockwise_row_losses",
     "closer_than",
     "cpu_block_elements",
     "distances_",
@@ -128,6 +128,7 @@ __all__ = [
     "random_triplets",
     "root_bound",
     "row_blocks",
+    "row_losses",
     "row_softmax_",
     "same_label_pairs",
     "sample_in_rows",

@@ -21,9 +21,9 @@ def first_order_only() -> None:
     without one, so a second derivative through it would be silently wrong."""
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "deepmetric's fast paths for the matrix-based pair losses give first derivatives "
-            "only (create_graph=True is not supported); for second derivatives use a distance "
-            "they do not take, e.g. a subclass of the distance"
+            "deepmetric's closed-form gradients (the per-row pair losses, and the fast paths "
+            "of the other matrix-based pair losses) give first derivatives only "
+            "(create_graph=True is not supported)"
         )
 
 

@@ -1,5 +1,6 @@
-"""Per-row losses over the matrix, one block of rows at a time, with a closed-form gradient;
-and the log-sum-exp with its gradient that the row rules are written with."""
+"""Per-row losses over the matrix with the closed-form gradient a row rule states (one block of
+rows at a time for the fused distances, the whole matrix for the others); and the
+log-sum-exp with its gradient that the row rules are written with."""
 
 from __future__ import annotations
 
@@ -70,24 +71,60 @@ class _BlockwiseRowLosses(torch.autograd.Function):
         return *grads, None, None, None, None
 
 
-def blockwise_row_losses(
-    batch: Batch, distance: BaseDistance, rule: RowRule, pairs: PairBlocks
-) -> Tensor | None:
-    """Per-query losses ``(B,)`` of ``rule`` over the ``distance`` matrix of ``batch``, one block
-    of rows at a time, with the gradient that ``rule`` states; ``None`` when ``distance`` is not
-    one the blockwise path computes (:func:`fused_matrix_kind`): then use the general path.
+class _DenseRowLosses(torch.autograd.Function):
+    """The ``(B, R)`` matrix of any distance -> ``(B,)`` per-row losses of ``rule``, applied to
+    the whole matrix at once; the backward pass scales the ``(B, R)`` gradient the rule stated
+    by the incoming gradient of each row. The matrix keeps its own autograd graph (the
+    distance's), so the gradient reaches the embeddings through it."""
 
-    ``rule`` receives each :class:`RowBlock` and returns the ``(c,)`` losses of its rows and
-    their ``(c, R)`` gradient with respect to its ``mat``; a row's loss may depend on that row
-    only.
+    @staticmethod
+    def forward(ctx: Any, mat: Tensor, pairs: PairBlocks, rule: RowRule) -> Tensor:
+        losses, grad_mat = rule(pairs.block(mat, 0, len(mat)))
+        ctx.save_for_backward(grad_mat if ctx.needs_input_grad[0] else None)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, None, None]:
+        first_order_only()
+        (grad_mat,) = ctx.saved_tensors
+        return grad_mat * grad_losses.unsqueeze(1), None, None
+
+
+def row_losses(batch: Batch, distance: BaseDistance, rule: RowRule, pairs: PairBlocks) -> Tensor:
+    """Per-query losses ``(B,)`` of ``rule`` over the ``distance`` matrix of ``batch``, with the
+    gradient that ``rule`` states (one formula, whichever way the matrix is computed).
+
+    ``rule`` receives a :class:`RowBlock` and returns the ``(c,)`` losses of its rows and their
+    ``(c, R)`` gradient with respect to its ``mat`` (which it must not modify); a row's loss may
+    depend on that row only. The row rules of :mod:`deepmetric.functional` are such rules.
+
+    The engine picks how the matrix is computed:
+
+    * a distance it fuses (:func:`fused_matrix_kind`): one block of rows at a time, never the
+      whole ``(B, R)`` matrix with a graph, and the embeddings' gradient written in closed form
+      (:func:`embedding_grads`);
+    * any other distance: its whole matrix, through its own autograd, and the rule applied to it
+      once.
+
+    Both give first derivatives only (``create_graph=True`` raises in the backward pass).
+    ``pairs`` naming a pair as both a positive and a negative is a ``ValueError``: a row rule
+    reads each entry as one or the other.
     """
+    if pairs.contradicting:
+        raise ValueError(
+            "indices_tuple names the same pair as both a positive and a negative (a pair is "
+            "either, not both positive and negative): drop it from one of the two lists"
+        )
     kind = fused_matrix_kind(distance)
     if kind is None:
-        return None
-    query, ref = normalized_inputs(distance, batch)
-    need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
-    with full_precision(query.device):
-        losses = _BlockwiseRowLosses.apply(query, ref, pairs, kind, rule, need_grad)
+        mat = distance(batch.embeddings, batch.ref_emb)
+        with full_precision(mat.device):
+            losses = _DenseRowLosses.apply(mat, pairs, rule)
+    else:
+        query, ref = normalized_inputs(distance, batch)
+        need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
+        with full_precision(query.device):
+            losses = _BlockwiseRowLosses.apply(query, ref, pairs, kind, rule, need_grad)
     assert isinstance(losses, Tensor)
     return losses
 

@@ -1,0 +1,206 @@
+"""Each loss's formula, written once: pure functions on tensors, as :mod:`torch.nn.functional`
+is to :mod:`torch.nn`.
+
+The loss classes of :mod:`deepmetric.losses` hold options, a distance and a reducer, and make
+one call into the pair engine (:mod:`deepmetric.pairwise`) with one of these functions; the
+engine decides how the matrix is computed (a block of rows at a time for the distances it
+fuses, whole through the distance's autograd otherwise) and how the gradient reaches the
+embeddings. Nothing here knows about blocks, reducers or fast paths.
+
+**Row rules** (``*_rows``) are the per-query losses: a function of one :class:`RowBlock` (rows
+of the ``(B, R)`` matrix with their positive and negative pairs) that returns the ``(c,)``
+losses of its rows and, in closed form, their ``(c, R)`` gradient with respect to the block's
+matrix. A row's loss depends on that row only. Bind the options and hand the rule to
+:func:`deepmetric.pairwise.row_losses`::
+
+    losses = row_losses(batch, distance, lambda block: circle_rows(block, 0.25, 256), pairs)
+
+``distance`` arguments only say which way the matrix runs: for a distance (smaller is closer)
+the formulas are written as stated; for a similarity (``distance.is_inverted``) every margin is
+measured the other way round (:meth:`~deepmetric.distances.BaseDistance.margin`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .distances import BaseDistance
+from .pairwise import RowBlock, row_softmax_, sparse_softmax
+
+__all__ = [
+    "circle_rows",
+    "generalized_lifted_structure_rows",
+    "multi_similarity_rows",
+    "ranked_list_rows",
+]
+
+# F.softplus (and PML's nn.Softplus) is the identity above this, with a slope of exactly 1.
+_SOFTPLUS_THRESHOLD = 20.0
+# PML adds this to the weight of every column of a row before summing the ranked list weights.
+_WEIGHT_EPS = 1e-5
+
+
+def circle_rows(block: RowBlock, m: float, gamma: float) -> tuple[Tensor, Tensor]:
+    """Circle loss of each query row (Sun, Cheng, Zhang, Zhang, Zheng, Wang & Wei, 2020).
+
+    With similarities ``s``, ``O_p = 1 + m``, ``O_n = -m``, ``Δ_p = 1 - m``, ``Δ_n = m`` and the
+    self-paced weights ``α_p = relu(O_p - s_p)``, ``α_n = relu(s_n - O_n)``, held constant (no
+    gradient flows through them, as in the paper and PML)::
+
+        z_i    = log Σ_p exp(-γ α_p (s_ip - Δ_p)) + log Σ_n exp(γ α_n (s_in - Δ_n))
+        loss_i = softplus(z_i)
+
+    and 0 for a query without a positive or without a negative. Gradient: with ``w`` the
+    softmax weights of each log-sum-exp, ``sigmoid(z_i) · w · (-γ α_p)`` at a positive and
+    ``sigmoid(z_i) · w · γ α_n`` at a negative; 0 elsewhere and in rows without both.
+
+    Args:
+        block: rows of a similarity matrix (``block.mat`` ``(c, R)``) and their pairs.
+        m: the relaxation margin.
+        gamma: the scale ``γ``.
+
+    Returns:
+        ``(c,)`` losses and their ``(c, R)`` gradient with respect to ``block.mat``.
+    """
+    sim, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    weight_n = (sim + m).clamp_min_(0)
+    neg_exponent = (sim - m).mul_(weight_n).mul_(gamma)
+    neg_lse, grad = row_softmax_(block.fill_non_negatives_(neg_exponent, -math.inf), with_one=False)
+    pos_sim = sim[rows, cols]
+    weight_p = ((1 + m) - pos_sim).clamp_min_(0)
+    pos_lse, pos_weight = sparse_softmax(
+        -gamma * weight_p * (pos_sim - (1 - m)), rows, len(sim), with_one=False
+    )
+    z = pos_lse + neg_lse  # -inf for a row without a positive or without a negative
+    has_both = torch.isfinite(z)
+    losses = torch.where(has_both, F.softplus(z), 0.0)
+    slope = torch.where(z > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(z)) * has_both
+    grad.mul_(weight_n.mul_(gamma * slope.unsqueeze(1)))
+    grad[rows, cols] = pos_weight * (-gamma * weight_p * slope[rows])  # positives: were 0
+    return losses, grad
+
+
+def multi_similarity_rows(
+    block: RowBlock, alpha: float, beta: float, base: float, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """Multi-similarity loss of each query row (Wang, Han, Huang, Dong & Scott, 2019).
+
+    For query ``i`` with similarities ``s`` to its positives ``P_i`` and negatives ``N_i``::
+
+        loss_i = 1/α · log(1 + Σ_{p ∈ P_i} exp(-α (s_ip - base)))
+               + 1/β · log(1 + Σ_{n ∈ N_i} exp( β (s_in - base)))
+
+    (for a distance the signs flip: positives are penalised above ``base``, negatives below); an
+    empty set contributes ``log 1 = 0``. Gradient: with ``w`` the softmax weights of each
+    log-sum-exp (the ``1`` included), ``-w_ij`` at a positive and ``+w_ij`` at a negative (signs
+    flipped for a distance).
+
+    Args:
+        block: rows of the matrix (``block.mat`` ``(c, R)``) and their pairs.
+        alpha, beta: the positive and negative temperatures.
+        base: the similarity both sets are measured from.
+        distance: the distance that produced the matrix (its direction).
+
+    Returns:
+        ``(c,)`` losses and their ``(c, R)`` gradient with respect to ``block.mat``.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    sign = 1.0 if distance.is_inverted else -1.0
+    neg_exponent = block.fill_non_negatives_(distance.margin(base, mat).mul_(beta), -math.inf)
+    neg_lse, grad = row_softmax_(neg_exponent, with_one=True)
+    grad.mul_(sign)
+    pos_exponent = distance.margin(mat[rows, cols], base) * alpha
+    pos_lse, pos_weight = sparse_softmax(pos_exponent, rows, len(mat), with_one=True)
+    grad[rows, cols] = -sign * pos_weight  # positives are not negatives: these entries were 0
+    return pos_lse / alpha + neg_lse / beta, grad
+
+
+def generalized_lifted_structure_rows(
+    block: RowBlock, pos_margin: float, neg_margin: float, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """Generalised lifted structure loss of each query row (Hermans, Beyer & Leibe, 2017,
+    after Oh Song, Xiang, Jegelka & Savarese, 2016)::
+
+        loss_i = relu(log Σ_{j pos} exp(d_ij - m+) + log Σ_{k neg} exp(m- - d_ik))
+
+    where each log-sum-exp is 0 when its set is empty, as in PML (margins the other way round
+    for a similarity). Gradient: where a row's loss is positive, the softmax weight ``w`` of
+    each entry in its log-sum-exp, ``+w`` at a positive and ``-w`` at a negative distance
+    (signs flipped for a similarity); 0 elsewhere.
+
+    Args:
+        block: rows of the matrix (``block.mat`` ``(c, R)``) and their pairs.
+        pos_margin, neg_margin: the margins ``m+`` and ``m-``.
+        distance: the distance that produced the matrix (its direction).
+
+    Returns:
+        ``(c,)`` losses and their ``(c, R)`` gradient with respect to ``block.mat``.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    sign = 1.0 if distance.is_inverted else -1.0  # d(negative exponent) / d mat
+    neg_exponent = block.fill_non_negatives_(distance.margin(neg_margin, mat), -math.inf)
+    neg_lse, grad = row_softmax_(neg_exponent, with_one=False)
+    pos_exponent = distance.margin(mat[rows, cols], pos_margin)
+    pos_lse, pos_weight = sparse_softmax(pos_exponent, rows, len(mat), with_one=False)
+    # an empty set contributes 0, as in PML
+    total = pos_lse.nan_to_num(neginf=0.0) + neg_lse.nan_to_num(neginf=0.0)
+    losses = F.relu(total)
+    active = (total > 0).to(mat.dtype)
+    grad.mul_((sign * active).unsqueeze(1))
+    grad[rows, cols] = -sign * active[rows] * pos_weight  # positives: these entries were 0
+    return losses, grad
+
+
+def ranked_list_rows(
+    block: RowBlock, margin: float, alpha: float, imbalance: float, Tp: float, Tn: float
+) -> tuple[Tensor, Tensor]:
+    """Ranked list loss of each query row (Wang, Hua, Kodirov, Hu, Garnier & Robertson, 2019).
+
+    A positive ``d_ip`` is active when ``d_ip > α - margin`` and a negative ``d_in`` when
+    ``d_in < α``; as in PML only entries with ``d > 0`` count (the matrix is read as raw
+    numbers, also for a similarity). With violations ``v_p = d_ip - (α - margin)``,
+    ``v_n = α - d_in`` and weights ``w = exp(T v)`` (``T = Tp`` or ``Tn``; differentiated
+    through, as in PML)::
+
+        L_P = Σ_active w_p v_p / (Σ_active w_p + R·1e-5)
+        L_N = Σ_active w_n v_n / (Σ_active w_n + R·1e-5)
+        loss_i = (1 - imbalance) L_P + imbalance L_N
+
+    Gradient: for one part, with ``Z`` its denominator, ``∂L/∂v_j = w_j (T v_j + 1 - T L) / Z``
+    at the active entries, and ``∂v/∂d`` is ``+1`` for a positive, ``-1`` for a negative.
+
+    Args:
+        block: rows of the matrix (``block.mat`` ``(c, R)``) and their pairs.
+        margin, alpha, imbalance, Tp, Tn: as in :class:`~deepmetric.losses.RankedListLoss`.
+
+    Returns:
+        ``(c,)`` losses and their ``(c, R)`` gradient with respect to ``block.mat``.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    eps_sum = _WEIGHT_EPS * mat.shape[1]
+    # negatives, dense: active (1.0) where 0 < d < alpha; v = alpha - d there, 0 elsewhere
+    neg_violation = alpha - mat
+    neg_active = neg_violation.sign().clamp_min_(0).mul_(mat.sign().clamp_min_(0))
+    block.fill_non_negatives_(neg_active, 0.0)
+    neg_violation.mul_(neg_active)
+    neg_weight = torch.mul(neg_violation, Tn).exp_().mul_(neg_active)
+    neg_norm = neg_weight.sum(dim=1) + eps_sum
+    loss_n = (neg_weight * neg_violation).sum(dim=1) / neg_norm
+    # ∂L_N/∂d = -w (Tn v + 1 - Tn L_N) / Z, built in the buffers of v and w
+    factor = neg_violation.mul_(Tn).add_((1 - Tn * loss_n).unsqueeze(1))
+    grad = neg_weight.mul_(factor).mul_((-imbalance / neg_norm).unsqueeze(1))
+    # positives, a list: v = d - (alpha - margin) where active
+    positive_bound = alpha - margin
+    pos_dist = mat[rows, cols]
+    pos_active = (pos_dist > positive_bound) & (pos_dist > 0)
+    pos_violation = torch.where(pos_active, pos_dist - positive_bound, 0.0)
+    pos_weight = torch.exp(Tp * pos_violation) * pos_active
+    pos_norm = torch.zeros_like(loss_n).index_add_(0, rows, pos_weight) + eps_sum
+    loss_p = torch.zeros_like(loss_n).index_add_(0, rows, pos_weight * pos_violation) / pos_norm
+    pos_factor = Tp * pos_violation + (1 - Tp * loss_p)[rows]
+    grad[rows, cols] = (1 - imbalance) * pos_weight * pos_factor / pos_norm[rows]
+    return (1 - imbalance) * loss_p + imbalance * loss_n, grad
