@@ -246,3 +246,28 @@ def test_dense_path_matches_autograd_and_passes_gradcheck(
         eps=1e-6,
         atol=1e-6,
     )
+
+
+# -- term rules: elementwise losses of listed tuples ---------------------------------------------
+
+
+@pytest.mark.parametrize("smooth_loss", [False, True])
+@pytest.mark.parametrize("inverted", [False, True])
+def test_triplet_margin_gradient_matches_autograd(smooth_loss: bool, inverted: bool) -> None:
+    distance = distances.CosineSimilarity() if inverted else distances.LpDistance()
+    g = torch.Generator().manual_seed(7)
+    # violations on both sides of 0, and beyond softplus's threshold of 20
+    ap = torch.cat([torch.rand(50, generator=g, dtype=torch.float64) * 2, torch.tensor([30.0])])
+    an = torch.cat([torch.rand(50, generator=g, dtype=torch.float64) * 2, torch.tensor([-1.0])])
+    if inverted:
+        ap, an = an, ap
+    losses, grad_ap = functional.triplet_margin(ap, an, 0.3, smooth_loss, distance)
+
+    ap_leaf, an_leaf = ap.clone().requires_grad_(True), an.clone().requires_grad_(True)
+    violation = (an_leaf - ap_leaf if inverted else ap_leaf - an_leaf) + 0.3
+    expected = F.softplus(violation) if smooth_loss else F.relu(violation)
+    grads = torch.autograd.grad(expected.sum(), (ap_leaf, an_leaf))
+    torch.testing.assert_close(losses, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_ap, grads[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(-grad_ap, grads[1], rtol=1e-12, atol=1e-12)
+    assert 0 < int((violation > 0).sum()) < len(violation)  # both sides of the hinge

@@ -7,6 +7,11 @@ engine decides how the matrix is computed (a block of rows at a time for the dis
 fuses, whole through the distance's autograd otherwise) and how the gradient reaches the
 embeddings. Nothing here knows about blocks, reducers or fast paths.
 
+**Term rules** (e.g. :func:`triplet_margin`) are elementwise: the losses of listed tuples from
+their distances, and the losses' derivative with respect to those distances, which the engine
+turns into the embeddings' gradient (by autograd through the distances, or scattered onto the
+matrix when the tuples are streamed, never listed).
+
 **Row rules** (``*_rows``) are the per-query losses: a function of one :class:`RowBlock` (rows
 of the ``(B, R)`` matrix with their positive and negative pairs) that returns the ``(c,)``
 losses of its rows and, in closed form, their ``(c, R)`` gradient with respect to the block's
@@ -33,6 +38,7 @@ from .pairwise import RowBlock, row_softmax_, sparse_softmax
 
 __all__ = [
     "circle_rows",
+    "triplet_margin",
     "generalized_lifted_structure_rows",
     "multi_similarity_rows",
     "ranked_list_rows",
@@ -204,3 +210,33 @@ def ranked_list_rows(
     pos_factor = Tp * pos_violation + (1 - Tp * loss_p)[rows]
     grad[rows, cols] = (1 - imbalance) * pos_weight * pos_factor / pos_norm[rows]
     return (1 - imbalance) * loss_p + imbalance * loss_n, grad
+
+
+def triplet_margin(
+    ap: Tensor, an: Tensor, margin: float, smooth_loss: bool, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """Triplet margin losses (Schroff, Kalenichenko & Philbin, FaceNet, 2015)::
+
+        loss = relu(d(a, p) - d(a, n) + margin)        (softplus when ``smooth_loss``)
+
+    (for a similarity: ``relu(s(a, n) - s(a, p) + margin)``). Gradient with respect to
+    ``d(a, p)``: relu's step (1 where the loss is positive) or softplus's sigmoid, with the sign
+    of the direction; with respect to ``d(a, n)`` its negative.
+
+    Args:
+        ap: anchor-positive distances, any shape.
+        an: anchor-negative distances, broadcasting against ``ap``.
+        margin: the margin.
+        smooth_loss: softplus instead of relu.
+        distance: the distance that produced them (its direction).
+
+    Returns:
+        the losses and ``∂loss/∂ap`` (``∂loss/∂an = -∂loss/∂ap``), both of the broadcast shape.
+    """
+    violation = distance.margin(ap, an) + margin
+    sign = -1.0 if distance.is_inverted else 1.0
+    if smooth_loss:
+        # softplus, whose slope PyTorch sets to exactly 1 above its threshold
+        slope = torch.where(violation > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(violation))
+        return F.softplus(violation), slope.mul_(sign)
+    return F.relu(violation), (violation > 0).to(violation.dtype).mul_(sign)

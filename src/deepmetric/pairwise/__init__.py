@@ -16,6 +16,8 @@ through the pairs its labels or a miner's tuple define. This package holds:
   matrix, for the Euclidean and the inner-product kinds: dense, by blocks, or from a list;
 * :mod:`~deepmetric.pairwise.rows`: per-row losses with the closed-form gradient a row rule
   states, for any distance (:func:`row_losses`);
+* :mod:`~deepmetric.pairwise.triplets`: a triplet rule over a batch's triplets, listed or
+  streamed (:func:`triplet_losses`);
 * :mod:`~deepmetric.pairwise.listed`: the distances of a few listed pairs without the matrix
   (:func:`pair_distances`).
 
@@ -39,6 +41,7 @@ from .blocks import (
 from .gradients import (
     add_block_embedding_grads_,
     add_pair_embedding_grads_,
+    elementwise_terms,
     embedding_grads,
     embedding_weight_,
     first_order_only,
@@ -87,6 +90,10 @@ from .rows import (
     row_softmax_,
     sparse_softmax,
 )
+from .triplets import (
+    TripletRule,
+    triplet_losses,
+)
 
 __all__ = [
     "ACCELERATOR_BLOCK_ELEMENTS",
@@ -100,6 +107,7 @@ __all__ = [
     "PairBlocks",
     "RowBlock",
     "RowRule",
+    "TripletRule",
     "add_block_embedding_grads_",
     "add_pair_embedding_grads_",
     "all_triplets",
@@ -108,6 +116,7 @@ __all__ = [
     "closer_than",
     "cpu_block_elements",
     "distances_",
+    "elementwise_terms",
     "embedding_grads",
     "embedding_weight_",
     "few_pairs",
@@ -135,5 +144,6 @@ __all__ = [
     "sparse_product",
     "sparse_softmax",
     "to_pairs",
+    "triplet_losses",
     "triplets_from_masks",
 ]

@@ -5,6 +5,8 @@ of entries). Hand-written backward passes give first derivatives only."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -176,3 +178,29 @@ def add_pair_embedding_grads_(
         if euclidean:
             col_sums = weight.new_zeros(len(ref)).index_add_(0, cols, weight)
             grad_ref.addcmul_(col_sums.unsqueeze(1), ref)
+
+
+class _Elementwise(torch.autograd.Function):
+    """Values of an elementwise rule whose derivatives the rule states (see
+    :func:`elementwise_terms`)."""
+
+    @staticmethod
+    def forward(ctx: Any, rule: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Tensor:
+        values, *grads = rule(*inputs)
+        ctx.save_for_backward(*grads)
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor | None, ...]:
+        first_order_only()
+        return None, *(grad * grad_values for grad in ctx.saved_tensors)
+
+
+def elementwise_terms(rule: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Tensor:
+    """The values of ``rule(*inputs)`` with the gradient it states: ``rule`` returns the values
+    and, for each input, the elementwise derivative of the values with respect to it (all of
+    one shape, the inputs' own). For the term rules of :mod:`deepmetric.functional` on listed
+    tuples: the gradient reaches the inputs' graphs (their distances), first order only."""
+    values = _Elementwise.apply(rule, *inputs)
+    assert isinstance(values, Tensor)
+    return values
