@@ -271,3 +271,21 @@ def test_triplet_margin_gradient_matches_autograd(smooth_loss: bool, inverted: b
     torch.testing.assert_close(grad_ap, grads[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(-grad_ap, grads[1], rtol=1e-12, atol=1e-12)
     assert 0 < int((violation > 0).sum()) < len(violation)  # both sides of the hinge
+
+
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("inverted", [False, True])
+def test_contrastive_pairs_gradient_matches_autograd(positive: bool, inverted: bool) -> None:
+    distance = distances.CosineSimilarity() if inverted else distances.LpDistance()
+    g = torch.Generator().manual_seed(8)
+    dists = torch.rand(60, generator=g, dtype=torch.float64) * 2 - (0.5 if inverted else 0.0)
+    losses, grad = functional.contrastive_pairs(dists, 0.6, positive, distance)
+
+    leaf = dists.clone().requires_grad_(True)
+    # positive pairs are pulled within the margin, negatives pushed beyond it
+    pulled = leaf - 0.6 if positive else 0.6 - leaf
+    expected = F.relu(-pulled if inverted else pulled)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    torch.testing.assert_close(losses, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert 0 < int((losses > 0).sum()) < len(losses)  # both sides of the hinge

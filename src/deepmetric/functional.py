@@ -38,6 +38,7 @@ from .pairwise import RowBlock, row_softmax_, sparse_softmax
 
 __all__ = [
     "circle_rows",
+    "contrastive_pairs",
     "triplet_margin",
     "generalized_lifted_structure_rows",
     "multi_similarity_rows",
@@ -234,9 +235,39 @@ def triplet_margin(
         the losses and ``∂loss/∂ap`` (``∂loss/∂an = -∂loss/∂ap``), both of the broadcast shape.
     """
     violation = distance.margin(ap, an) + margin
-    sign = -1.0 if distance.is_inverted else 1.0
     if smooth_loss:
         # softplus, whose slope PyTorch sets to exactly 1 above its threshold
+        losses = F.softplus(violation)
         slope = torch.where(violation > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(violation))
-        return F.softplus(violation), slope.mul_(sign)
-    return F.relu(violation), (violation > 0).to(violation.dtype).mul_(sign)
+    else:
+        losses = F.relu(violation)
+        slope = (violation > 0).to(violation.dtype)
+    # ∂violation/∂ap: +1 for a distance, -1 for a similarity
+    return losses, slope.neg_() if distance.is_inverted else slope
+
+
+def contrastive_pairs(
+    dists: Tensor, margin: float, positive: bool, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """Contrastive losses of pairs (Hadsell, Chopra & LeCun, 2006)::
+
+        positive pair: relu(d - m+)        negative pair: relu(m- - d)
+
+    (for a similarity: ``relu(m+ - s)`` and ``relu(s - m-)``). A negative pair beyond its
+    margin has a zero loss and a zero gradient, which the engine relies on to skip them.
+    Gradient with respect to ``d``: 1 where the loss is positive, with the sign of the
+    direction.
+
+    Args:
+        dists: the pairs' distances (or similarities), any shape.
+        margin: ``m+`` for positive pairs, ``m-`` for negative pairs.
+        positive: whether the pairs are positive.
+        distance: the distance that produced them (its direction).
+
+    Returns:
+        the losses and ``∂loss/∂d``, both shaped like ``dists``.
+    """
+    violation = distance.margin(dists, margin) if positive else distance.margin(margin, dists)
+    slope = (violation > 0).to(violation.dtype)
+    # ∂violation/∂d: +1 for a positive distance or a negative similarity, else -1
+    return F.relu(violation), slope if positive != distance.is_inverted else slope.neg_()

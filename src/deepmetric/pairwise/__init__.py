@@ -16,6 +16,8 @@ through the pairs its labels or a miner's tuple define. This package holds:
   matrix, for the Euclidean and the inner-product kinds: dense, by blocks, or from a list;
 * :mod:`~deepmetric.pairwise.rows`: per-row losses with the closed-form gradient a row rule
   states, for any distance (:func:`row_losses`);
+* :mod:`~deepmetric.pairwise.pair_losses`: term rules over a batch's positive and negative
+  pairs, listed or by blocks (:func:`pair_losses`);
 * :mod:`~deepmetric.pairwise.triplets`: a triplet rule over a batch's triplets, listed or
   streamed (:func:`triplet_losses`);
 * :mod:`~deepmetric.pairwise.listed`: the distances of a few listed pairs without the matrix
@@ -84,6 +86,11 @@ from .matrix import (
     root_bound,
     row_blocks,
 )
+from .pair_losses import (
+    PairLoss,
+    PairRule,
+    pair_losses,
+)
 from .rows import (
     RowRule,
     row_losses,
@@ -105,6 +112,8 @@ __all__ = [
     "PAIR_CHUNK_ELEMENTS",
     "PAIR_COST_IN_ENTRIES",
     "PairBlocks",
+    "PairLoss",
+    "PairRule",
     "RowBlock",
     "RowRule",
     "TripletRule",
@@ -129,6 +138,7 @@ __all__ = [
     "pair_blocks_to_learn_from",
     "pair_chunks",
     "pair_distances",
+    "pair_losses",
     "pairs_are_the_labels",
     "pairs_from_masks",
     "pairs_to_triplets",
