@@ -20,7 +20,7 @@ from pytorch_metric_learning import reducers as pml_reducers
 from pytorch_metric_learning import regularizers as pml_regularizers
 from torch import Tensor
 
-import deepmetric.losses.margin as margin_module
+import deepmetric.pairwise.triplets as margin_module
 from deepmetric import distances, reducers, regularizers
 from deepmetric.losses.circle import CircleLoss
 from deepmetric.losses.margin import DivisorReducer, MarginLoss

@@ -39,6 +39,7 @@ from .pairwise import RowBlock, row_softmax_, sparse_softmax
 __all__ = [
     "circle_rows",
     "contrastive_pairs",
+    "margin_halves",
     "triplet_margin",
     "generalized_lifted_structure_rows",
     "multi_similarity_rows",
@@ -271,3 +272,30 @@ def contrastive_pairs(
     slope = (violation > 0).to(violation.dtype)
     # ∂violation/∂d: +1 for a positive distance or a negative similarity, else -1
     return F.relu(violation), slope if positive != distance.is_inverted else slope.neg_()
+
+
+def margin_halves(
+    ap: Tensor, an: Tensor, beta: Tensor, margin: float, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """The two halves of the margin loss (Wu, Manmatha, Smola & Krähenbühl, 2017), whose sum
+    is a triplet's loss::
+
+        positive half: relu(d(a, p) - β + margin)      negative half: relu(β - d(a, n) + margin)
+
+    (the other way round for a similarity). Differentiated by autograd (with respect to the
+    distances and to a learnt ``β``).
+
+    Args:
+        ap: anchor-positive distances.
+        an: anchor-negative distances, broadcasting against ``ap``.
+        beta: each anchor's boundary, broadcasting against both: per triplet, or a ``(B, 1)``
+            column against the whole ``(B, R)`` matrix.
+        margin: the slack on either side of ``β``.
+        distance: the distance that produced them (its direction).
+
+    Returns:
+        the positive and the negative halves.
+    """
+    pos = F.relu(distance.margin(ap, beta) + margin)
+    neg = F.relu(distance.margin(beta, an) + margin)
+    return pos, neg

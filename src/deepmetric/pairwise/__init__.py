@@ -19,7 +19,8 @@ through the pairs its labels or a miner's tuple define. This package holds:
 * :mod:`~deepmetric.pairwise.pair_losses`: term rules over a batch's positive and negative
   pairs, listed or by blocks (:func:`pair_losses`);
 * :mod:`~deepmetric.pairwise.triplets`: a triplet rule over a batch's triplets, listed or
-  streamed (:func:`triplet_losses`);
+  streamed (:func:`triplet_losses`), and a separable one over all of them without visiting
+  them (:func:`separable_triplet_losses`);
 * :mod:`~deepmetric.pairwise.listed`: the distances of a few listed pairs without the matrix
   (:func:`pair_distances`).
 
@@ -78,6 +79,7 @@ from .matrix import (
     MatrixKind,
     as_compared,
     closer_than,
+    compute_dtype,
     cpu_block_elements,
     distances_,
     full_precision,
@@ -98,7 +100,11 @@ from .rows import (
     sparse_softmax,
 )
 from .triplets import (
+    HalvesRule,
+    SeparableTriplets,
     TripletRule,
+    kept_triplet_counts,
+    separable_triplet_losses,
     triplet_losses,
 )
 
@@ -107,6 +113,7 @@ __all__ = [
     "BLOCK_ELEMENTS",
     "Batch",
     "CHUNK_ELEMENTS",
+    "HalvesRule",
     "MatrixBlocks",
     "MatrixKind",
     "PAIR_CHUNK_ELEMENTS",
@@ -116,6 +123,7 @@ __all__ = [
     "PairRule",
     "RowBlock",
     "RowRule",
+    "SeparableTriplets",
     "TripletRule",
     "add_block_embedding_grads_",
     "add_pair_embedding_grads_",
@@ -123,6 +131,7 @@ __all__ = [
     "as_compared",
     "at_most_one_pair_each",
     "closer_than",
+    "compute_dtype",
     "cpu_block_elements",
     "distances_",
     "elementwise_terms",
@@ -132,6 +141,7 @@ __all__ = [
     "first_order_only",
     "full_precision",
     "fused_matrix_kind",
+    "kept_triplet_counts",
     "label_masks",
     "masks_from_indices",
     "normalized_inputs",
@@ -151,6 +161,7 @@ __all__ = [
     "row_softmax_",
     "same_label_pairs",
     "sample_in_rows",
+    "separable_triplet_losses",
     "sparse_product",
     "sparse_softmax",
     "to_pairs",

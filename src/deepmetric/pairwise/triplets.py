@@ -11,12 +11,15 @@ over the triplets of a batch: all of its labels' triplets, a number per anchor, 
   blocks: the triplets are visited a block at a time and never listed, and the gradient is
   scattered onto the ``(B, R)`` matrix (memory ``O(B·R)`` for ``B·(K-1)·(B-K)`` triplets);
 * otherwise the triplets listed, and their losses handed to the reducer whole.
+
+A *separable* triplet loss, ``pos(a, p) + neg(a, n)`` (e.g. the margin loss), is computed over
+all the triplets of the labels without visiting them (:func:`separable_triplet_losses`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,6 +35,10 @@ from .masks import (
     positive_pair_chunks,
     random_triplets,
 )
+
+HalvesRule = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``(d(a, p), d(a, n), a)`` -> the two halves of a separable triplet loss (autograd); ``a``
+indexes the anchors, broadcasting like the distances."""
 
 TripletRule = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """``(d(a, p), d(a, n))`` -> ``(losses, ∂loss/∂d(a, p))``; ``∂loss/∂d(a, n)`` is its negative."""
@@ -178,3 +185,94 @@ def _stream_listed_triplets(
         grad.index_put_((anchors, positives), grad_ap, accumulate=True)
         grad.index_put_((anchors, negatives), grad_ap.neg_(), accumulate=True)
     stream.carry((grad * mat).sum())
+
+
+class SeparableTriplets(NamedTuple):
+    """What :func:`separable_triplet_losses` computed.
+
+    ``losses``: the stream, fed with the sum of the kept triplets; or the ``"triplet"`` entry
+    of the listed triplets' losses. ``nonzero_halves``: how many halves of all the triplets
+    are non-zero (PML's divisor for the margin loss). ``anchors``: the listed triplets'
+    ``(T,)`` anchors (``None`` when streamed); ``triplets_per_anchor``: the ``(B,)`` number of
+    triplets of each anchor (``None`` when listed).
+    """
+
+    losses: LossInfo | ReductionStream
+    nonzero_halves: Tensor
+    anchors: Tensor | None
+    triplets_per_anchor: Tensor | None
+
+
+def separable_triplet_losses(
+    batch: Batch,
+    distance: BaseDistance,
+    halves: HalvesRule,
+    stream: ReductionStream | None,
+    triplets_per_anchor: int | Literal["all"] = "all",
+) -> SeparableTriplets | None:
+    """The losses ``pos(a, p) + neg(a, n)`` of ``halves`` over the triplets of ``batch`` (a
+    miner's tuple, else all of the labels' triplets or that many random ones per anchor);
+    ``None`` when there is none.
+
+    Over all the labels' triplets, with a reducer that reduces a stream (``stream``), the
+    ``B·(K-1)·(B-K)`` triplets are never enumerated: triplet ``(a, p, n)`` has loss
+    ``pos[a, p] + neg[a, n]``, so the sum of the triplets the stream keeps is
+    ``Σ c_pos · pos + Σ c_neg · neg`` over the ``(B, R)`` matrix, where ``c_pos[a, p]`` counts
+    the kept triplets that contain the positive pair ``(a, p)`` and ``c_neg[a, n]`` those that
+    contain the negative pair. The counts are constants, so autograd gives the gradient of the
+    explicit sum. A stream that keeps every loss needs no counting (each positive pair of ``a``
+    is in ``#negatives(a)`` triplets, each negative pair in ``#positives(a)``); otherwise the
+    triplets are visited one block of positive pairs at a time (:func:`kept_triplet_counts`).
+    Memory ``O(B·R)``.
+    """
+    mat = distance(batch.embeddings, batch.ref_emb)
+    if batch.indices_tuple is None and triplets_per_anchor == "all" and stream is not None:
+        pos_mask, neg_mask = batch.masks()
+        n_pos, n_neg = pos_mask.sum(dim=1), neg_mask.sum(dim=1)
+        per_anchor = n_pos * n_neg  # (B,)
+        n_triplets = per_anchor.sum()
+        if int(n_triplets) == 0:
+            return None
+        anchors = torch.arange(len(mat), device=mat.device).unsqueeze(1)  # (B, 1)
+        pos, neg = halves(mat, mat, anchors)
+        pos_count = pos_mask * n_neg.unsqueeze(1)
+        neg_count = neg_mask * n_pos.unsqueeze(1)
+        nonzero = (pos_count * (pos > 0)).sum() + (neg_count * (neg > 0)).sum()
+        n_kept = n_triplets
+        if stream.keep(pos.detach()) is not None:  # it keeps triplets by their loss
+            pos_count, neg_count, n_kept = kept_triplet_counts(
+                pos.detach(), neg.detach(), pos_mask, neg_mask, stream
+            )
+        kept_sum = (pos_count.to(mat.dtype) * pos).sum() + (neg_count.to(mat.dtype) * neg).sum()
+        stream.add(kept_sum, n_kept, n_triplets)
+        return SeparableTriplets(stream, nonzero, None, per_anchor)
+
+    a, p, n = _listed_triplets(batch, triplets_per_anchor)
+    if len(a) == 0:
+        return None
+    pos, neg = halves(mat[a, p], mat[a, n], a)
+    nonzero = (pos > 0).sum() + (neg > 0).sum()
+    info: LossInfo = {"losses": pos + neg, "indices": (a, p, n), "reduction_type": "triplet"}
+    return SeparableTriplets(info, nonzero, a, None)
+
+
+def kept_triplet_counts(
+    pos: Tensor, neg: Tensor, pos_mask: Tensor, neg_mask: Tensor, stream: ReductionStream
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For the triplet losses ``pos[a, p] + neg[a, n]`` (``pos_mask[a, p]``, ``neg_mask[a, n]``)
+    that ``stream`` keeps (:meth:`~deepmetric.reducers.ReductionStream.keep`): how many contain
+    each positive pair, how many each negative pair, and how many there are. The triplets are
+    visited one block of positive pairs at a time (memory ``O(B·R)``).
+
+    Shapes: ``(B, R)`` each -> ``(B, R)``, ``(B, R)`` int64 counts and a scalar.
+    """
+    pos_count = torch.zeros(pos.shape, dtype=torch.long, device=pos.device)
+    neg_count = torch.zeros_like(pos_count)
+    for anchors, positives in positive_pair_chunks(pos_mask, pos.shape[1]):
+        losses = pos[anchors, positives].unsqueeze(1) + neg[anchors]  # (c, R)
+        keep = stream.keep(losses)
+        valid = neg_mask[anchors]
+        keep = valid if keep is None else keep & valid
+        pos_count[anchors, positives] = keep.sum(dim=1)
+        neg_count.index_add_(0, anchors, keep.long())
+    return pos_count, neg_count, pos_count.sum()
