@@ -222,8 +222,8 @@ def triplet_margin(
         loss = relu(d(a, p) - d(a, n) + margin)        (softplus when ``smooth_loss``)
 
     (for a similarity: ``relu(s(a, n) - s(a, p) + margin)``). Gradient with respect to
-    ``d(a, p)``: relu's step (1 where the loss is positive) or softplus's sigmoid, with the sign
-    of the direction; with respect to ``d(a, n)`` its negative.
+    ``d(a, p)``: relu's step (1 where the loss is positive) or softplus's ``sigmoid``, with the
+    sign of the direction; with respect to ``d(a, n)`` its negative.
 
     Args:
         ap: anchor-positive distances, any shape.
@@ -235,14 +235,14 @@ def triplet_margin(
     Returns:
         the losses and ``∂loss/∂ap`` (``∂loss/∂an = -∂loss/∂ap``), both of the broadcast shape.
     """
-    violation = distance.margin(ap, an) + margin
+    violation = distance.margin(ap, an).add_(margin)  # (a new tensor: the slope is made in it)
     if smooth_loss:
-        # softplus, whose slope PyTorch sets to exactly 1 above its threshold
+        # (PyTorch's softplus backward rounds its slope to 1 above 20: 2e-9 away in float64)
         losses = F.softplus(violation)
-        slope = torch.where(violation > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(violation))
+        slope = violation.sigmoid_()
     else:
         losses = F.relu(violation)
-        slope = (violation > 0).to(violation.dtype)
+        slope = violation.gt_(0)  # 1.0 where the loss is positive, else 0.0
     # ∂violation/∂ap: +1 for a distance, -1 for a similarity
     return losses, slope.neg_() if distance.is_inverted else slope
 
@@ -269,9 +269,10 @@ def contrastive_pairs(
         the losses and ``∂loss/∂d``, both shaped like ``dists``.
     """
     violation = distance.margin(dists, margin) if positive else distance.margin(margin, dists)
-    slope = (violation > 0).to(violation.dtype)
+    losses = F.relu(violation)
+    slope = violation.gt_(0)  # (in the new tensor) 1.0 where the loss is positive, else 0.0
     # ∂violation/∂d: +1 for a positive distance or a negative similarity, else -1
-    return F.relu(violation), slope if positive != distance.is_inverted else slope.neg_()
+    return losses, slope if positive != distance.is_inverted else slope.neg_()
 
 
 def margin_halves(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from torch import Tensor
 from typing_extensions import Unpack
 
 from ..distances import BaseDistance, CosineSimilarity
 from ..functional import circle_rows
-from ..pairwise import pair_blocks_to_learn_from, row_losses
+from ..pairwise import RowBlock, pair_blocks_to_learn_from, row_losses
 from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict
 from .base import BaseMetricLossFunction, Batch, LossOptions, row_entry
 
@@ -53,7 +54,7 @@ class CircleLoss(BaseMetricLossFunction):
         pairs = pair_blocks_to_learn_from(batch)
         if pairs is None:
             return self.zero_losses()
-        losses = row_losses(
-            batch, self.distance, lambda block: circle_rows(block, self.m, self.gamma), pairs
-        )
-        return {"loss": row_entry(losses)}
+        return {"loss": row_entry(row_losses(batch, self.distance, self._rule, pairs))}
+
+    def _rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
+        return circle_rows(block, self.m, self.gamma)

@@ -158,10 +158,10 @@ def _stream_all_triplets(
             grad_ap.mul_(keep)
         grad.index_put_((anchors, positives), grad_ap.sum(dim=1), accumulate=True)
         if use_pn is not None and grad_pn is not None:
-            grad.index_add_(0, anchors, -grad_ap * ~use_pn)
-            grad_pn.index_add_(0, positives, -grad_ap * use_pn)
+            grad.index_add_(0, anchors, grad_ap * ~use_pn, alpha=-1)
+            grad_pn.index_add_(0, positives, grad_ap.mul_(use_pn), alpha=-1)
         else:
-            grad.index_add_(0, anchors, -grad_ap)
+            grad.index_add_(0, anchors, grad_ap, alpha=-1)
     stream.carry((grad * mat).sum())
     if grad_pn is not None and pn_mat is not None:
         stream.carry((grad_pn * pn_mat).sum())
