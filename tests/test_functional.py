@@ -289,3 +289,15 @@ def test_contrastive_pairs_gradient_matches_autograd(positive: bool, inverted: b
     torch.testing.assert_close(losses, expected.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
     assert 0 < int((losses > 0).sum()) < len(losses)  # both sides of the hinge
+
+
+@pytest.mark.parametrize("name", ["multi-similarity-dist", "ranked-list-Tp0.0"])
+def test_dense_path_gives_first_derivatives_only(name: str) -> None:
+    """The rule's gradient is a constant of the backward pass: a second derivative through it
+    would be silently wrong, so asking for one raises."""
+    _, rule = _with_distance(name, distances.LpDistance(p=1))
+    emb = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    batch = prepare_batch(emb, torch.tensor([0, 0, 1, 1, 2, 2, 0, 1]), None, None, None)
+    losses = pairwise.row_losses(batch, distances.LpDistance(p=1), rule, PairBlocks(batch))
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(losses.sum(), emb, create_graph=True)

@@ -12,6 +12,10 @@ their distances, and the losses' derivative with respect to those distances, whi
 turns into the embeddings' gradient (by autograd through the distances, or scattered onto the
 matrix when the tuples are streamed, never listed).
 
+**Positive-pair rules** (:func:`lifted_structure_pairs`, :func:`ntxent_pairs`) give the loss of
+each positive pair from the whole matrix and the negatives of its rows, through autograd
+(:func:`deepmetric.pairwise.positive_pair_losses`).
+
 **Row rules** (``*_rows``) are the per-query losses: a function of one :class:`RowBlock` (rows
 of the ``(B, R)`` matrix with their positive and negative pairs) that returns the ``(c,)``
 losses of its rows and, in closed form, their ``(c, R)`` gradient with respect to the block's
@@ -34,15 +38,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .distances import BaseDistance
-from .pairwise import RowBlock, row_softmax_, sparse_softmax
+from .pairwise import RowBlock, masked_logsumexp, row_softmax_, sparse_softmax
 
 __all__ = [
     "circle_rows",
     "contrastive_pairs",
+    "lifted_structure_pairs",
     "margin_halves",
     "triplet_margin",
     "generalized_lifted_structure_rows",
     "multi_similarity_rows",
+    "ntxent_pairs",
     "ranked_list_rows",
 ]
 
@@ -300,3 +306,88 @@ def margin_halves(
     pos = F.relu(distance.margin(ap, beta) + margin)
     neg = F.relu(distance.margin(beta, an) + margin)
     return pos, neg
+
+
+def lifted_structure_pairs(
+    mat: Tensor,
+    anchors: Tensor,
+    positives: Tensor,
+    neg_weight: Tensor,
+    pos_margin: float,
+    neg_margin: float,
+    distance: BaseDistance,
+) -> Tensor:
+    """Lifted structure loss of each positive pair (Oh Song, Xiang, Jegelka & Savarese, 2016).
+
+    For a positive pair ``(i, j)``::
+
+        loss = relu(log Σ_{(k, l) negative, k ∈ {i, j}} exp(m- - d(k, l)) + d(i, j) - m+)² / 2
+
+    (margins measured the other way round for a similarity; the sum is 0 when the pair has no
+    negative pair). As in PML, the negatives of ``j`` are the negative pairs whose *query* index
+    is ``j``, even when ``j`` indexes a separate reference set.
+
+    The log-sum-exp over each query row's negatives is computed once per row, and each
+    positive pair combines the two rows it needs (PML compares every positive pair with every
+    negative pair: a ``P × N`` matrix). Differentiated by autograd.
+
+    Args:
+        mat: ``(B, R)`` distance matrix.
+        anchors, positives: ``(P,)`` indices of the positive pairs into its rows and columns.
+        neg_weight: ``(B, R)`` boolean mask or count of the negative pairs.
+        pos_margin, neg_margin: the margins ``m+`` and ``m-``.
+        distance: the distance that produced ``mat`` (for the direction of the margins).
+
+    Returns:
+        ``(P,)`` losses.
+    """
+    n_query = mat.shape[0]
+    # log Σ exp(remaining negative margin) over each query row's negative pairs: (B,)
+    row_lse, row_has_neg = masked_logsumexp(distance.margin(neg_margin, mat), neg_weight)
+    # each positive pair uses the rows of its two indices; a row counts once if both are equal
+    second_is_row = (positives < n_query) & (positives != anchors)
+    second_row = positives.clamp_max(n_query - 1)
+    both_rows = torch.stack([row_lse[anchors], row_lse[second_row]], dim=1)
+    keep = torch.stack([row_has_neg[anchors], row_has_neg[second_row] & second_is_row], dim=1)
+    neg_term, _ = masked_logsumexp(both_rows, keep, dim=1, empty_value=0.0)
+    remaining_pos_margin = distance.margin(mat[anchors, positives], pos_margin)
+    # each positive pair appears twice, (i, j) and (j, i): hence the 1/2
+    return F.relu(neg_term + remaining_pos_margin) ** 2 / 2
+
+
+def ntxent_pairs(
+    mat: Tensor,
+    anchors: Tensor,
+    positives: Tensor,
+    neg_weight: Tensor,
+    temperature: float,
+    distance: BaseDistance,
+) -> Tensor:
+    """NT-Xent (InfoNCE) loss of each positive pair (Chen, Kornblith, Norouzi & Hinton, 2020;
+    van den Oord, Li & Vinyals, 2018). Differentiated by autograd.
+
+    With logits ``s = sim / temperature`` (``sim = -distance`` for a distance), the loss of the
+    positive pair ``(i, j)`` is the cross-entropy of picking ``j`` among ``j`` and the negatives
+    of ``i``::
+
+        loss = -log(exp(s_ij) / (exp(s_ij) + Σ_{k neg of i} exp(s_ik)) + tiny)
+
+    where ``tiny`` is the dtype's smallest normal number, as in PML (it caps the loss).
+
+    Args:
+        mat: ``(B, R)`` distance or similarity matrix.
+        anchors, positives: ``(P,)`` indices of the positive pairs.
+        neg_weight: ``(B, R)`` boolean mask or count of the negative pairs.
+        temperature: the softmax temperature.
+        distance: the distance that produced ``mat``.
+
+    Returns:
+        ``(P,)`` losses.
+    """
+    logits = (mat if distance.is_inverted else -mat) / temperature
+    # log Σ exp over each anchor row's negatives, computed once per row: (B,)
+    neg_lse, _ = masked_logsumexp(logits, neg_weight, empty_value=float("-inf"))
+    pos_logits = logits[anchors, positives]
+    log_denominator = torch.logaddexp(pos_logits, neg_lse[anchors])
+    tiny = torch.finfo(mat.dtype).tiny
+    return -torch.log(torch.exp(pos_logits - log_denominator) + tiny)

@@ -21,6 +21,8 @@ through the pairs its labels or a miner's tuple define. This package holds:
 * :mod:`~deepmetric.pairwise.triplets`: a triplet rule over a batch's triplets, listed or
   streamed (:func:`triplet_losses`), and a separable one over all of them without visiting
   them (:func:`separable_triplet_losses`);
+* :mod:`~deepmetric.pairwise.positive_pairs`: a formula of each positive pair over the whole
+  matrix and the negatives of its rows (:func:`positive_pair_losses`);
 * :mod:`~deepmetric.pairwise.listed`: the distances of a few listed pairs without the matrix
   (:func:`pair_distances`).
 
@@ -93,8 +95,15 @@ from .pair_losses import (
     PairRule,
     pair_losses,
 )
+from .positive_pairs import (
+    PositivePairRule,
+    pair_counts,
+    positive_pair_losses,
+    positive_pairs_and_negative_weights,
+)
 from .rows import (
     RowRule,
+    masked_logsumexp,
     row_losses,
     row_softmax_,
     sparse_softmax,
@@ -121,6 +130,7 @@ __all__ = [
     "PairBlocks",
     "PairLoss",
     "PairRule",
+    "PositivePairRule",
     "RowBlock",
     "RowRule",
     "SeparableTriplets",
@@ -143,16 +153,20 @@ __all__ = [
     "fused_matrix_kind",
     "kept_triplet_counts",
     "label_masks",
+    "masked_logsumexp",
     "masks_from_indices",
     "normalized_inputs",
     "pair_blocks_to_learn_from",
     "pair_chunks",
+    "pair_counts",
     "pair_distances",
     "pair_losses",
     "pairs_are_the_labels",
     "pairs_from_masks",
     "pairs_to_triplets",
     "positive_pair_chunks",
+    "positive_pair_losses",
+    "positive_pairs_and_negative_weights",
     "prepare_batch",
     "random_triplets",
     "root_bound",

@@ -1,6 +1,7 @@
 """Per-row losses over the matrix with the closed-form gradient a row rule states (one block of
 rows at a time for the fused distances, the whole matrix for the others); and the
-log-sum-exp with its gradient that the row rules are written with."""
+log-sum-exps the loss formulas are written with (with their gradient for the row rules, masked
+and weighted for autograd)."""
 
 from __future__ import annotations
 
@@ -169,3 +170,31 @@ def sparse_softmax(x: Tensor, rows: Tensor, n_rows: int, with_one: bool) -> tupl
         total += torch.exp(-shift)
     lse = total.log() + shift
     return lse, exps / total[rows]
+
+
+def masked_logsumexp(
+    x: Tensor, weight: Tensor, dim: int = -1, empty_value: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """``log Σ_j w_j exp(x_j)`` along ``dim`` over the entries with ``w_j > 0``.
+
+    Args:
+        x: values, any shape.
+        weight: same shape; a boolean mask (weight 1 where True) or non-negative counts.
+        dim: the dimension to reduce.
+        empty_value: the result where no entry is selected (e.g. ``0`` or ``-inf``).
+
+    Returns:
+        ``(value, nonempty)``: the reduced values and a boolean tensor, True where at least one
+        entry was selected. Gradients are finite everywhere.
+    """
+    keep = weight if weight.dtype == torch.bool else weight > 0
+    if weight.dtype != torch.bool:
+        # w·exp(x) = exp(x + log w); unselected entries become -inf below
+        x = x + weight.clamp_min(1).log().to(x.dtype)
+    nonempty = keep.any(dim=dim)
+    z = x.masked_fill(~keep, float("-inf"))
+    # an empty row is filled with finite dummies so that logsumexp's backward stays finite; its
+    # result is replaced by empty_value below (and passes no gradient back to x)
+    z = z.masked_fill(~nonempty.unsqueeze(dim), 0.0)
+    value = torch.logsumexp(z, dim=dim).masked_fill(~nonempty, empty_value)
+    return value, nonempty
