@@ -301,3 +301,18 @@ def test_dense_path_gives_first_derivatives_only(name: str) -> None:
     losses = pairwise.row_losses(batch, distances.LpDistance(p=1), rule, PairBlocks(batch))
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad(losses.sum(), emb, create_graph=True)
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_npairs_rows_match_autograd_of_the_cross_entropy(inverted: bool) -> None:
+    distance = distances.DotProductSimilarity() if inverted else distances.LpDistance()
+    g = torch.Generator().manual_seed(9)
+    mat = torch.rand(7, 7, generator=g, dtype=torch.float64) * 3
+    pair = torch.arange(7)
+    losses, grad = functional.npairs_rows(RowBlock(mat.clone(), pair, pair, None, None), distance)
+
+    leaf = mat.clone().requires_grad_(True)
+    expected = F.cross_entropy(leaf if inverted else -leaf, pair, reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    torch.testing.assert_close(losses, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)

@@ -48,6 +48,7 @@ __all__ = [
     "triplet_margin",
     "generalized_lifted_structure_rows",
     "multi_similarity_rows",
+    "npairs_rows",
     "ntxent_pairs",
     "ranked_list_rows",
 ]
@@ -391,3 +392,31 @@ def ntxent_pairs(
     log_denominator = torch.logaddexp(pos_logits, neg_lse[anchors])
     tiny = torch.finfo(mat.dtype).tiny
     return -torch.log(torch.exp(pos_logits - log_denominator) + tiny)
+
+
+def npairs_rows(block: RowBlock, distance: BaseDistance) -> tuple[Tensor, Tensor]:
+    """N-pair loss of each row (Sohn, 2016): the cross-entropy of picking the row's positive
+    among all the entries of its row::
+
+        loss_i = log Σ_j exp(s_ij) - s_ip
+
+    with logits ``s`` the similarities (``-d`` for a distance). For N-pairs the matrix is the
+    ``(N, N)`` anchors against the positives of ``N`` pairs, pair ``i``'s positive being row
+    ``i``'s one positive entry and the other pairs' positives its negatives. Gradient with
+    respect to the logits: the softmax ``w`` of the row less 1 at the positive (``-`` that for
+    a distance).
+
+    Args:
+        block: rows of the matrix (``block.mat`` ``(c, R)``) with exactly one positive entry
+            each, listed in row order (``block.pos_rows`` is ``0, 1, ..., c - 1``).
+        distance: the distance that produced the matrix (its direction).
+
+    Returns:
+        ``(c,)`` losses and their ``(c, R)`` gradient with respect to ``block.mat``.
+    """
+    mat, positive = block.mat, block.pos_cols.unsqueeze(1)
+    log_softmax = torch.log_softmax(mat if distance.is_inverted else -mat, dim=1)
+    losses = log_softmax.gather(1, positive).squeeze(1).neg_()
+    grad = log_softmax.exp_()  # (in the log-softmax's memory)
+    grad.scatter_add_(1, positive, grad.new_full(positive.shape, -1.0))
+    return losses, grad if distance.is_inverted else grad.neg_()

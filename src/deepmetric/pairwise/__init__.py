@@ -104,6 +104,7 @@ from .positive_pairs import (
 from .rows import (
     RowRule,
     masked_logsumexp,
+    matrix_row_losses,
     row_losses,
     row_softmax_,
     sparse_softmax,
@@ -155,6 +156,7 @@ __all__ = [
     "label_masks",
     "masked_logsumexp",
     "masks_from_indices",
+    "matrix_row_losses",
     "normalized_inputs",
     "pair_blocks_to_learn_from",
     "pair_chunks",

@@ -74,13 +74,16 @@ class _BlockwiseRowLosses(torch.autograd.Function):
 
 class _DenseRowLosses(torch.autograd.Function):
     """The ``(B, R)`` matrix of any distance -> ``(B,)`` per-row losses of ``rule``, applied to
-    the whole matrix at once; the backward pass scales the ``(B, R)`` gradient the rule stated
-    by the incoming gradient of each row. The matrix keeps its own autograd graph (the
-    distance's), so the gradient reaches the embeddings through it."""
+    the whole matrix at once (``block_of`` makes the :class:`RowBlock` of the matrix); the
+    backward pass scales the ``(B, R)`` gradient the rule stated by the incoming gradient of
+    each row. The matrix keeps its own autograd graph (the distance's), so the gradient reaches
+    the embeddings through it."""
 
     @staticmethod
-    def forward(ctx: Any, mat: Tensor, pairs: PairBlocks, rule: RowRule) -> Tensor:
-        losses, grad_mat = rule(pairs.block(mat, 0, len(mat)))
+    def forward(
+        ctx: Any, mat: Tensor, block_of: Callable[[Tensor], RowBlock], rule: RowRule
+    ) -> Tensor:
+        losses, grad_mat = rule(block_of(mat))
         ctx.save_for_backward(grad_mat if ctx.needs_input_grad[0] else None)
         return losses
 
@@ -89,6 +92,18 @@ class _DenseRowLosses(torch.autograd.Function):
         first_order_only()
         (grad_mat,) = ctx.saved_tensors
         return grad_mat * grad_losses.unsqueeze(1), None, None
+
+
+def matrix_row_losses(mat: Tensor, pos_rows: Tensor, pos_cols: Tensor, rule: RowRule) -> Tensor:
+    """Per-row losses ``(B,)`` of ``rule`` over a whole ``(B, R)`` matrix computed by the caller
+    (through autograd), whose positive pairs are the listed ``(P,)`` entries (row-major) and
+    whose negatives are all the others; with the gradient ``rule`` states, first order only."""
+    with full_precision(mat.device):
+        losses = _DenseRowLosses.apply(
+            mat, lambda m: RowBlock(m, pos_rows, pos_cols, None, None), rule
+        )
+    assert isinstance(losses, Tensor)
+    return losses
 
 
 def row_losses(batch: Batch, distance: BaseDistance, rule: RowRule, pairs: PairBlocks) -> Tensor:
@@ -120,7 +135,7 @@ def row_losses(batch: Batch, distance: BaseDistance, rule: RowRule, pairs: PairB
     if kind is None:
         mat = distance(batch.embeddings, batch.ref_emb)
         with full_precision(mat.device):
-            losses = _DenseRowLosses.apply(mat, pairs, rule)
+            losses = _DenseRowLosses.apply(mat, lambda m: pairs.block(m, 0, len(m)), rule)
     else:
         query, ref = normalized_inputs(distance, batch)
         need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
