@@ -7,20 +7,22 @@ engine decides how the matrix is computed (a block of rows at a time for the dis
 fuses, whole through the distance's autograd otherwise) and how the gradient reaches the
 embeddings. Nothing here knows about blocks, reducers or fast paths.
 
-**Term rules** (e.g. :func:`triplet_margin`) are elementwise: the losses of listed tuples from
-their distances, and the losses' derivative with respect to those distances, which the engine
-turns into the embeddings' gradient (by autograd through the distances, or scattered onto the
-matrix when the tuples are streamed, never listed).
+**Term rules** (:func:`triplet_margin`, :func:`contrastive_pairs`) are elementwise: the losses
+of tuples from their distances, and the losses' derivative with respect to those distances,
+which the engine turns into the embeddings' gradient (through the distances' autograd for
+listed tuples, scattered onto the matrix or its blocks when they are streamed).
 
-**Positive-pair rules** (:func:`lifted_structure_pairs`, :func:`ntxent_pairs`) give the loss of
-each positive pair from the whole matrix and the negatives of its rows, through autograd
-(:func:`deepmetric.pairwise.positive_pair_losses`).
+**Autograd formulas** are differentiated by autograd: the positive-pair rules
+(:func:`lifted_structure_pairs`, :func:`ntxent_pairs`: each positive pair's loss from the whole
+matrix and the negatives of its rows, see :func:`deepmetric.pairwise.positive_pair_losses`) and
+the margin loss's halves (:func:`margin_halves`, see
+:func:`deepmetric.pairwise.separable_triplet_losses`).
 
-**Row rules** (``*_rows``) are the per-query losses: a function of one :class:`RowBlock` (rows
-of the ``(B, R)`` matrix with their positive and negative pairs) that returns the ``(c,)``
-losses of its rows and, in closed form, their ``(c, R)`` gradient with respect to the block's
-matrix. A row's loss depends on that row only. Bind the options and hand the rule to
-:func:`deepmetric.pairwise.row_losses`::
+**Row rules** (``*_rows``, :func:`npairs_rows` among them) are the per-query losses: a
+function of one :class:`RowBlock` (rows of the ``(B, R)`` matrix with their positive and
+negative pairs) that returns the ``(c,)`` losses of its rows and, in closed form, their
+``(c, R)`` gradient with respect to the block's matrix. A row's loss depends on that row only.
+Bind the options and hand the rule to :func:`deepmetric.pairwise.row_losses`::
 
     losses = row_losses(batch, distance, lambda block: circle_rows(block, 0.25, 256), pairs)
 

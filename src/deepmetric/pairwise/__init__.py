@@ -26,11 +26,14 @@ through the pairs its labels or a miner's tuple define. This package holds:
 * :mod:`~deepmetric.pairwise.listed`: the distances of a few listed pairs without the matrix
   (:func:`pair_distances`).
 
-The fast paths cover the fusable distances; with any other distance the row losses apply the
-same row rule to the distance's whole matrix, and the other losses use their autograd path
-(the same values). The hand-written gradients are first-order only: a backward
-pass asked to build a graph (``create_graph=True``) raises rather than return a wrong one.
-Nothing here imports :mod:`deepmetric.losses` or :mod:`deepmetric.miners`: both import it.
+A loss hands the engine its formula (a rule of :mod:`deepmetric.functional`) and the engine
+picks the computation: blocks, tiles and closed-form embedding gradients for the fusable
+distances; for any other distance the same rule on the distance's whole matrix, or on the
+listed entries, with the gradient reaching the embeddings through the distance's autograd.
+The rules' gradients are first-order only: a backward pass asked to build a graph
+(``create_graph=True``) raises rather than return a wrong one. Nothing here imports
+:mod:`deepmetric.losses`, :mod:`deepmetric.functional` or :mod:`deepmetric.miners`: they
+import it (and it imports :mod:`deepmetric.reducers`, whose streams its paths feed).
 """
 
 from .batch import (
