@@ -181,26 +181,38 @@ def add_pair_embedding_grads_(
 
 
 class _Elementwise(torch.autograd.Function):
-    """Values of an elementwise rule whose derivatives the rule states (see
+    """Values of an elementwise rule whose derivative the rule states (see
     :func:`elementwise_terms`)."""
 
     @staticmethod
-    def forward(ctx: Any, rule: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Tensor:
-        values, *grads = rule(*inputs)
-        ctx.save_for_backward(*grads)
+    def forward(
+        ctx: Any,
+        rule: Callable[..., tuple[Tensor, Tensor]],
+        signs: tuple[float, ...],
+        *inputs: Tensor,
+    ) -> Tensor:
+        values, grad = rule(*inputs)
+        ctx.save_for_backward(grad)
+        ctx.signs = signs
         return values
 
     @staticmethod
     def backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor | None, ...]:
         first_order_only()
-        return None, *(grad * grad_values for grad in ctx.saved_tensors)
+        (grad,) = ctx.saved_tensors
+        grad = grad * grad_values
+        return None, None, *(grad if sign == 1 else grad * sign for sign in ctx.signs)
 
 
-def elementwise_terms(rule: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> Tensor:
+def elementwise_terms(
+    rule: Callable[..., tuple[Tensor, Tensor]], inputs: tuple[Tensor, ...], signs: tuple[float, ...]
+) -> Tensor:
     """The values of ``rule(*inputs)`` with the gradient it states: ``rule`` returns the values
-    and, for each input, the elementwise derivative of the values with respect to it (all of
-    one shape, the inputs' own). For the term rules of :mod:`deepmetric.functional` on listed
-    tuples: the gradient reaches the inputs' graphs (their distances), first order only."""
-    values = _Elementwise.apply(rule, *inputs)
+    and their elementwise derivative ``g`` (all of the inputs' one shape); the derivative with
+    respect to ``inputs[k]`` is ``signs[k] · g`` (e.g. a triplet loss: ``+g`` for ``d(a, p)``,
+    ``-g`` for ``d(a, n)``). For the term rules of :mod:`deepmetric.functional` on listed
+    tuples: the gradient reaches the inputs' graphs (their distances), first order only; only
+    ``g`` is kept for the backward pass."""
+    values = _Elementwise.apply(rule, signs, *inputs)
     assert isinstance(values, Tensor)
     return values

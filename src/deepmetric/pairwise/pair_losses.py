@@ -104,7 +104,7 @@ def pair_losses(
 def _listed(rule: PairRule, dists: Tensor) -> Tensor:
     """The losses of listed pairs, with the gradient ``rule`` states reaching their
     distances' graph."""
-    return elementwise_terms(rule, dists)
+    return elementwise_terms(rule, (dists,), (1.0,))
 
 
 def _listed_pair_distances(

@@ -104,13 +104,8 @@ def triplet_losses(
 
 def _listed(rule: TripletRule, ap: Tensor, an: Tensor) -> Tensor:
     """``(T,)`` losses of listed triplets, with the gradient ``rule`` states reaching the
-    distances' graphs."""
-
-    def terms(ap: Tensor, an: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        losses, grad_ap = rule(ap, an)
-        return losses, grad_ap, -grad_ap
-
-    return elementwise_terms(terms, ap, an)
+    distances' graphs (``∂loss/∂d(a, n) = -∂loss/∂d(a, p)``)."""
+    return elementwise_terms(rule, (ap, an), (1.0, -1.0))
 
 
 def _listed_triplets(
