@@ -47,8 +47,10 @@ def scalar_entry(value: Tensor | float) -> LossInfo:
 
 def zero_loss(embeddings: Tensor) -> Tensor:
     """A float32 scalar 0 connected to ``embeddings`` (its gradient is zero, never NaN)."""
-    # one element is enough to connect the graph: no (B, D) product (nor copy) on every call
-    return embeddings.reshape(-1)[:1].float().sum() * 0
+    # one element is enough to connect the graph: no (B, D) product (nor copy) on every call;
+    # multiplied by 0 before the cast, as a float64 beyond float32's range would become inf
+    # (and inf * 0 NaN)
+    return (embeddings.reshape(-1)[:1].sum() * 0).float()
 
 
 def sum_reduced(parts: list[Tensor], embeddings: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers as pml_reducers
 
-import deepmetric.losses.margin as margin_module
+import deepmetric.pairwise.triplets as margin_module
 from deepmetric import distances, reducers
 from deepmetric.losses.margin import DivisorReducer, MarginLoss
 from tests.losses.ms_circle_margin_ranked_cases import (

@@ -92,7 +92,7 @@ def test_streamed_path_with_tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(pairs, "CHUNK_ELEMENTS", 1)
     original = pairs.positive_pair_chunks
     monkeypatch.setattr(
-        losses.triplet, "positive_pair_chunks", lambda m, r, max_elements=1: original(m, r, 1)
+        pairs.triplets, "positive_pair_chunks", lambda m, r, max_elements=1: original(m, r, 1)
     )
     got = value_and_grad(losses.TripletMarginLoss(margin=0.3), emb, labels)
     assert got[0] == pytest.approx(expected[0], rel=1e-12)
@@ -146,7 +146,7 @@ def test_triplet_streams_a_miners_many_triplets_in_chunks(
 ) -> None:
     """Many listed triplets (a repeated one among them), 7 at a time, against the per-triplet
     losses computed through autograd and reduced by hand."""
-    from deepmetric.losses import triplet
+    from deepmetric.pairwise import triplets as triplet
 
     monkeypatch.setattr(triplet, "_TRIPLET_CHUNK", 7)
     emb, labels = _batch(n_classes=4, per_class=3, dim=5, seed=19)

@@ -12,28 +12,27 @@ import torch
 from torch import Tensor
 
 from deepmetric import distances, pairwise
-from deepmetric.losses.circle import circle_row_losses, circle_row_losses_and_grad
+from deepmetric.functional import circle_rows as circle_row_losses_and_grad
+from deepmetric.functional import (
+    generalized_lifted_structure_rows as generalized_lifted_structure_row_losses_and_grad,
+)
+from deepmetric.functional import multi_similarity_rows as multi_similarity_row_losses_and_grad
+from deepmetric.functional import ranked_list_rows as ranked_list_row_losses_and_grad
 from deepmetric.losses.contrastive import ContrastiveLoss
-from deepmetric.losses.lifted import (
-    GeneralizedLiftedStructureLoss,
-    generalized_lifted_structure_losses,
-    generalized_lifted_structure_row_losses_and_grad,
-)
-from deepmetric.losses.multi_similarity import (
-    MultiSimilarityLoss,
-    multi_similarity_row_losses,
-    multi_similarity_row_losses_and_grad,
-)
-from deepmetric.losses.ranked_list import (
-    RankedListLoss,
-    ranked_list_row_losses,
-    ranked_list_row_losses_and_grad,
-)
+from deepmetric.losses.lifted import GeneralizedLiftedStructureLoss
+from deepmetric.losses.multi_similarity import MultiSimilarityLoss
+from deepmetric.losses.ranked_list import RankedListLoss
 from deepmetric.pairwise import label_masks
 from tests.pairwise.engine_cases import (
     KIND_DISTANCES,
     _batch,
 )
+from tests.test_functional import circle_reference as circle_row_losses
+from tests.test_functional import (
+    generalized_lifted_reference as generalized_lifted_structure_losses,
+)
+from tests.test_functional import multi_similarity_reference as multi_similarity_row_losses
+from tests.test_functional import ranked_list_reference as ranked_list_row_losses
 
 # -- 1. closed-form row gradients against autograd ---------------------------------------------
 

@@ -1,131 +1,20 @@
 """Lifted structure loss (Oh Song, Xiang, Jegelka & Savarese, 2016) and its generalised form
 (Hermans, Beyer & Leibe, 2017).
 
-Both are computed from the ``(B, R)`` distance matrix with ``O(B·R)`` memory. PML's
-``LiftedStructureLoss`` compares every positive pair with every negative pair (a
-``P × N`` matrix, ``B³``-sized for a full batch); here the log-sum-exp over each query row's
-negatives is computed once, and each positive pair combines the two rows it needs.
+Both are computed from the ``(B, R)`` distance matrix with ``O(B·R)`` memory; their formulas are
+:func:`~deepmetric.functional.lifted_structure_pairs` and
+:func:`~deepmetric.functional.generalized_lifted_structure_rows`.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
-from ..distances import BaseDistance
-from ..pairwise import (
-    RowBlock,
-    blockwise_row_losses,
-    pair_blocks_to_learn_from,
-    row_softmax_,
-    sparse_softmax,
-)
+from ..functional import generalized_lifted_structure_rows, lifted_structure_pairs
+from ..pairwise import RowBlock, pair_blocks_to_learn_from, positive_pair_losses, row_losses
 from ..reducers import LossDict
-from ._logsumexp import (
-    at_most_one_pair_each,
-    masked_logsumexp,
-    positive_pairs_and_negative_weights,
-)
-from .base import BaseMetricLossFunction, Batch, LossOptions
-
-
-def lifted_structure_losses(
-    mat: Tensor,
-    anchors: Tensor,
-    positives: Tensor,
-    neg_weight: Tensor,
-    pos_margin: float,
-    neg_margin: float,
-    distance: BaseDistance,
-) -> Tensor:
-    """Per-positive-pair lifted structure losses.
-
-    For a positive pair ``(i, j)``::
-
-        loss = relu(log Σ_{(k, l) negative, k ∈ {i, j}} exp(m- - d(k, l)) + d(i, j) - m+)² / 2
-
-    (margins measured the other way round for a similarity; the sum is 0 when the pair has no
-    negative pair). As in PML, the negatives of ``j`` are the negative pairs whose *query* index
-    is ``j``, even when ``j`` indexes a separate reference set.
-
-    Args:
-        mat: ``(B, R)`` distance matrix.
-        anchors, positives: ``(P,)`` indices of the positive pairs into its rows and columns.
-        neg_weight: ``(B, R)`` boolean mask or count of the negative pairs.
-        pos_margin, neg_margin: the margins ``m+`` and ``m-``.
-        distance: the distance that produced ``mat`` (for the direction of the margins).
-
-    Returns:
-        ``(P,)`` losses.
-    """
-    n_query = mat.shape[0]
-    # log Σ exp(remaining negative margin) over each query row's negative pairs: (B,)
-    row_lse, row_has_neg = masked_logsumexp(distance.margin(neg_margin, mat), neg_weight)
-    # each positive pair uses the rows of its two indices; a row counts once if both are equal
-    second_is_row = (positives < n_query) & (positives != anchors)
-    second_row = positives.clamp_max(n_query - 1)
-    both_rows = torch.stack([row_lse[anchors], row_lse[second_row]], dim=1)
-    keep = torch.stack([row_has_neg[anchors], row_has_neg[second_row] & second_is_row], dim=1)
-    neg_term, _ = masked_logsumexp(both_rows, keep, dim=1, empty_value=0.0)
-    remaining_pos_margin = distance.margin(mat[anchors, positives], pos_margin)
-    # each positive pair appears twice, (i, j) and (j, i): hence the 1/2
-    return F.relu(neg_term + remaining_pos_margin) ** 2 / 2
-
-
-def generalized_lifted_structure_losses(
-    mat: Tensor,
-    pos_mask: Tensor,
-    neg_mask: Tensor,
-    pos_margin: float,
-    neg_margin: float,
-    distance: BaseDistance,
-) -> Tensor:
-    """Per-query generalised lifted structure losses::
-
-        loss_i = relu(log Σ_{j pos} exp(d(i, j) - m+) + log Σ_{k neg} exp(m- - d(i, k)))
-
-    (each log-sum-exp is 0 when its set is empty; margins the other way round for a
-    similarity).
-
-    Args:
-        mat: ``(B, R)`` distance matrix.
-        pos_mask, neg_mask: ``(B, R)`` boolean masks of the positive and negative pairs.
-
-    Returns:
-        ``(B,)`` losses.
-    """
-    pos_lse, _ = masked_logsumexp(distance.margin(mat, pos_margin), pos_mask)
-    neg_lse, _ = masked_logsumexp(distance.margin(neg_margin, mat), neg_mask)
-    return F.relu(pos_lse + neg_lse)
-
-
-def generalized_lifted_structure_row_losses_and_grad(
-    block: RowBlock, pos_margin: float, neg_margin: float, distance: BaseDistance
-) -> tuple[Tensor, Tensor]:
-    """The losses of :func:`generalized_lifted_structure_losses` for the rows of ``block`` and,
-    in closed form, their gradient with respect to ``block.mat``: where a row's loss is positive,
-    the softmax weight of each entry in its log-sum-exp, ``+w`` for a positive distance and
-    ``-w`` for a negative one (the signs flip for a similarity); 0 elsewhere.
-
-    Shapes: ``block.mat`` ``(c, R)`` -> ``(c,)`` losses, ``(c, R)`` gradient.
-    """
-    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
-    sign = 1.0 if distance.is_inverted else -1.0  # d(negative exponent) / d mat
-    neg_exponent = block.fill_non_negatives_(distance.margin(neg_margin, mat), -math.inf)
-    neg_lse, grad = row_softmax_(neg_exponent, with_one=False)
-    pos_exponent = distance.margin(mat[rows, cols], pos_margin)
-    pos_lse, pos_weight = sparse_softmax(pos_exponent, rows, len(mat), with_one=False)
-    # an empty set contributes 0, as in PML
-    total = pos_lse.nan_to_num(neginf=0.0) + neg_lse.nan_to_num(neginf=0.0)
-    losses = F.relu(total)
-    active = (total > 0).to(mat.dtype)
-    grad.mul_((sign * active).unsqueeze(1))
-    grad[rows, cols] = -sign * active[rows] * pos_weight  # positives: these entries were 0
-    return losses, grad
+from .base import BaseMetricLossFunction, Batch, LossOptions, row_entry
 
 
 class LiftedStructureLoss(BaseMetricLossFunction):
@@ -147,23 +36,13 @@ class LiftedStructureLoss(BaseMetricLossFunction):
         self.pos_margin = pos_margin
 
     def compute_loss(self, batch: Batch) -> LossDict:
-        mat = self.distance(batch.embeddings, batch.ref_emb)
-        anchors, positives, n_neg_pairs, neg_weight = positive_pairs_and_negative_weights(
-            batch, mat.dtype
+        entry = positive_pair_losses(batch, self.distance, self._rule)
+        return self.zero_losses() if entry is None else {"loss": entry}
+
+    def _rule(self, mat: Tensor, anchors: Tensor, positives: Tensor, neg: Tensor) -> Tensor:
+        return lifted_structure_pairs(
+            mat, anchors, positives, neg, self.pos_margin, self.neg_margin, self.distance
         )
-        n_pos_pairs = len(anchors)
-        if n_pos_pairs == 0 or n_neg_pairs == 0 or at_most_one_pair_each(n_pos_pairs, n_neg_pairs):
-            return self.zero_losses()
-        losses = lifted_structure_losses(
-            mat, anchors, positives, neg_weight, self.pos_margin, self.neg_margin, self.distance
-        )
-        return {
-            "loss": {
-                "losses": losses,
-                "indices": (anchors, positives),
-                "reduction_type": "pos_pair",
-            }
-        }
 
 
 class GeneralizedLiftedStructureLoss(BaseMetricLossFunction):
@@ -189,18 +68,9 @@ class GeneralizedLiftedStructureLoss(BaseMetricLossFunction):
         pairs = pair_blocks_to_learn_from(batch)
         if pairs is None:
             return self.zero_losses()
-        if pairs.contradicting:
-            raise ValueError("indices_tuple names the same pair as both positive and negative")
-        losses = blockwise_row_losses(batch, self.distance, self._row_rule, pairs)
-        if losses is None:  # a distance the blockwise path does not compute
-            mat = self.distance(batch.embeddings, batch.ref_emb)
-            losses = generalized_lifted_structure_losses(
-                mat, *batch.masks(), self.pos_margin, self.neg_margin, self.distance
-            )
-        indices = torch.arange(len(losses), device=losses.device)
-        return {"loss": {"losses": losses, "indices": indices, "reduction_type": "element"}}
+        return {"loss": row_entry(row_losses(batch, self.distance, self._rule, pairs))}
 
-    def _row_rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
-        return generalized_lifted_structure_row_losses_and_grad(
+    def _rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
+        return generalized_lifted_structure_rows(
             block, self.pos_margin, self.neg_margin, self.distance
         )

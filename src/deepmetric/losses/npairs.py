@@ -5,17 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
 from ..distances import BaseDistance, DotProductSimilarity, _to_float32, unit_rows, unit_rows_grad
+from ..functional import npairs_rows
 from ..pairwise import (
     MatrixKind,
+    RowBlock,
     add_block_embedding_grads_,
     as_compared,
     first_order_only,
     fused_matrix_kind,
+    matrix_row_losses,
     pairs_are_the_labels,
     to_pairs,
 )
@@ -73,23 +75,17 @@ def first_pair_per_label_from_labels(
     )
 
 
-def npairs_losses(sim_mat: Tensor) -> Tensor:
-    """``(N, N)`` anchor-by-positive similarities -> ``(N,)`` cross-entropy losses: row ``i``
-    should pick its own positive ``i`` among the other pairs' positives."""
-    targets = torch.arange(len(sim_mat), device=sim_mat.device)
-    return F.cross_entropy(sim_mat, targets, reduction="none")
-
-
 class _InnerProductNPairs(torch.autograd.Function):
     """``(B, D)`` queries, ``(R, D)`` references (the same tensor when the references are the
-    queries), ``(N,)`` anchors and positives -> the ``(N,)`` :func:`npairs_losses` of the inner
-    products between the gathered (and, if ``normalize``, L2-normalised) rows.
+    queries), ``(N,)`` anchors and positives -> the ``(N,)`` losses of
+    :func:`~deepmetric.functional.npairs_rows` over the inner products of the gathered (and,
+    if the inner-product ``distance`` normalises, L2-normalised) rows.
 
     The same values as gathering, normalising and comparing through autograd, with the backward
-    in closed form: a row's cross-entropy has gradient ``softmax - one_hot`` with respect to its
-    similarities, so the similarities' gradient is ``G = diag(g) (P - I)`` and the rows' are
-    ``G r`` and ``Gᵀ q`` (then through :func:`~deepmetric.distances.unit_rows_grad`). No graph of
-    a dozen small operations is kept: at B = 512 this is a quarter of the step.
+    in closed form: the rule's gradient ``G`` with respect to the similarities, scaled by each
+    row's incoming gradient, gives the rows' gradients ``G r`` and ``Gᵀ q`` (then through
+    :func:`~deepmetric.distances.unit_rows_grad`). No graph of a dozen small operations is
+    kept: at B = 512 this is a quarter of the step.
     """
 
     @staticmethod
@@ -99,7 +95,7 @@ class _InnerProductNPairs(torch.autograd.Function):
         ref: Tensor,
         anchors: Tensor,
         positives: Tensor,
-        normalize: bool,
+        distance: BaseDistance,
     ) -> Tensor:
         same = query is ref
         both = torch.cat([anchors, positives])
@@ -108,13 +104,13 @@ class _InnerProductNPairs(torch.autograd.Function):
         else:
             rows = torch.cat([query.index_select(0, anchors), ref.index_select(0, positives)])
         norm = None
-        if normalize:
+        if distance.normalize_embeddings:
             rows, norm = unit_rows(rows)
         n = len(anchors)
-        log_softmax = torch.log_softmax(rows[:n] @ rows[n:].t(), dim=1)
-        losses = -log_softmax.diagonal()
-        softmax = log_softmax.exp_()
-        ctx.save_for_backward(both, rows, softmax, *(() if norm is None else (norm,)))
+        pair = torch.arange(n, device=rows.device)  # row i's positive: column i
+        block = RowBlock(rows[:n] @ rows[n:].t(), pair, pair, None, None)
+        losses, grad_sim = npairs_rows(block, distance)
+        ctx.save_for_backward(both, rows, grad_sim, *(() if norm is None else (norm,)))
         ctx.same_tensor = same
         ctx.shapes = query.shape, ref.shape
         return losses
@@ -122,10 +118,9 @@ class _InnerProductNPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, ...]:
         first_order_only()
-        both, rows, softmax, *norm = ctx.saved_tensors
-        n = len(softmax)
-        grad_sim = softmax.mul_(grad_losses.unsqueeze(1))
-        grad_sim.diagonal().sub_(grad_losses)
+        both, rows, grad_sim, *norm = ctx.saved_tensors
+        n = len(grad_sim)
+        grad_sim = grad_sim * grad_losses.unsqueeze(1)  # (not in place: a retained graph reuses it)
         grad_rows = torch.zeros_like(rows)
         # inner products of the anchors' rows with the positives': G r and Gᵀ q
         add_block_embedding_grads_(
@@ -189,9 +184,7 @@ class NPairsLoss(BaseMetricLossFunction):
             with torch.autocast(batch.embeddings.device.type, enabled=False):
                 query = _to_float32(batch.embeddings)
                 ref = query if batch.same_source else _to_float32(batch.ref_emb)
-                losses = _InnerProductNPairs.apply(
-                    query, ref, anchors, positives, distance.normalize_embeddings
-                )
+                losses = _InnerProductNPairs.apply(query, ref, anchors, positives, distance)
             return {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
         # the rows were validated with the batch: compare them without checking them again
         if batch.same_source:  # one gather (and one scatter in the backward pass) for both
@@ -202,8 +195,10 @@ class NPairsLoss(BaseMetricLossFunction):
             query = as_compared(self.distance, batch.embeddings.index_select(0, anchors))
             ref = as_compared(self.distance, batch.ref_emb.index_select(0, positives))
         with torch.autocast(query.device.type, enabled=False):
-            sim_mat = self.distance.compute_powered_mat(query, ref)
-        if not self.distance.is_inverted:
-            sim_mat = -sim_mat
-        losses = npairs_losses(sim_mat)
+            mat = self.distance.compute_powered_mat(query, ref)
+        pair = torch.arange(self.num_pairs, device=mat.device)  # row i's positive: column i
+        losses = matrix_row_losses(mat, pair, pair, self._rule)
         return {"loss": {"losses": losses, "indices": anchors, "reduction_type": "element"}}
+
+    def _rule(self, block: RowBlock) -> tuple[Tensor, Tensor]:
+        return npairs_rows(block, self.distance)

@@ -5,6 +5,8 @@ of entries). Hand-written backward passes give first derivatives only."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,9 +23,9 @@ def first_order_only() -> None:
     without one, so a second derivative through it would be silently wrong."""
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "deepmetric's fast paths for the matrix-based pair losses give first derivatives "
-            "only (create_graph=True is not supported); for second derivatives use a distance "
-            "they do not take, e.g. a subclass of the distance"
+            "deepmetric's closed-form gradients (the per-row pair losses, and the fast paths "
+            "of the other matrix-based pair losses) give first derivatives only "
+            "(create_graph=True is not supported)"
         )
 
 
@@ -176,3 +178,41 @@ def add_pair_embedding_grads_(
         if euclidean:
             col_sums = weight.new_zeros(len(ref)).index_add_(0, cols, weight)
             grad_ref.addcmul_(col_sums.unsqueeze(1), ref)
+
+
+class _Elementwise(torch.autograd.Function):
+    """Values of an elementwise rule whose derivative the rule states (see
+    :func:`elementwise_terms`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        rule: Callable[..., tuple[Tensor, Tensor]],
+        signs: tuple[float, ...],
+        *inputs: Tensor,
+    ) -> Tensor:
+        values, grad = rule(*inputs)
+        ctx.save_for_backward(grad)
+        ctx.signs = signs
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: Tensor) -> tuple[Tensor | None, ...]:
+        first_order_only()
+        (grad,) = ctx.saved_tensors
+        grad = grad * grad_values
+        return None, None, *(grad if sign == 1 else grad * sign for sign in ctx.signs)
+
+
+def elementwise_terms(
+    rule: Callable[..., tuple[Tensor, Tensor]], inputs: tuple[Tensor, ...], signs: tuple[float, ...]
+) -> Tensor:
+    """The values of ``rule(*inputs)`` with the gradient it states: ``rule`` returns the values
+    and their elementwise derivative ``g`` (all of the inputs' one shape); the derivative with
+    respect to ``inputs[k]`` is ``signs[k] · g`` (e.g. a triplet loss: ``+g`` for ``d(a, p)``,
+    ``-g`` for ``d(a, n)``). For the term rules of :mod:`deepmetric.functional` on listed
+    tuples: the gradient reaches the inputs' graphs (their distances), first order only; only
+    ``g`` is kept for the backward pass."""
+    values = _Elementwise.apply(rule, signs, *inputs)
+    assert isinstance(values, Tensor)
+    return values

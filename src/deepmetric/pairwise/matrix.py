@@ -83,6 +83,12 @@ def fused_matrix_kind(distance: BaseDistance) -> MatrixKind | None:
     return None
 
 
+def compute_dtype(embeddings: Tensor) -> torch.dtype:
+    """The dtype a distance computes the matrix of ``embeddings`` in: float32 for half
+    precision, else their own."""
+    return _to_float32(embeddings[:0]).dtype
+
+
 def as_compared(distance: BaseDistance, embeddings: Tensor) -> Tensor:
     """``(N, D)`` embeddings as ``distance`` compares them (through autograd): float32 for half
     precision, normalised if the distance normalises. No validation: for inputs already

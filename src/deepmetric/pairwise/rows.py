@@ -1,5 +1,7 @@
-"""Per-row losses over the matrix, one block of rows at a time, with a closed-form gradient;
-and the log-sum-exp with its gradient that the row rules are written with."""
+"""Per-row losses over the matrix with the closed-form gradient a row rule states (one block of
+rows at a time for the fused distances, the whole matrix for the others); and the
+log-sum-exps the loss formulas are written with (with their gradient for the row rules, masked
+and weighted for autograd)."""
 
 from __future__ import annotations
 
@@ -70,24 +72,75 @@ class _BlockwiseRowLosses(torch.autograd.Function):
         return *grads, None, None, None, None
 
 
-def blockwise_row_losses(
-    batch: Batch, distance: BaseDistance, rule: RowRule, pairs: PairBlocks
-) -> Tensor | None:
-    """Per-query losses ``(B,)`` of ``rule`` over the ``distance`` matrix of ``batch``, one block
-    of rows at a time, with the gradient that ``rule`` states; ``None`` when ``distance`` is not
-    one the blockwise path computes (:func:`fused_matrix_kind`): then use the general path.
+class _DenseRowLosses(torch.autograd.Function):
+    """The ``(B, R)`` matrix of any distance -> ``(B,)`` per-row losses of ``rule``, applied to
+    the whole matrix at once (``block_of`` makes the :class:`RowBlock` of the matrix); the
+    backward pass scales the ``(B, R)`` gradient the rule stated by the incoming gradient of
+    each row. The matrix keeps its own autograd graph (the distance's), so the gradient reaches
+    the embeddings through it."""
 
-    ``rule`` receives each :class:`RowBlock` and returns the ``(c,)`` losses of its rows and
-    their ``(c, R)`` gradient with respect to its ``mat``; a row's loss may depend on that row
-    only.
+    @staticmethod
+    def forward(
+        ctx: Any, mat: Tensor, block_of: Callable[[Tensor], RowBlock], rule: RowRule
+    ) -> Tensor:
+        losses, grad_mat = rule(block_of(mat))
+        ctx.save_for_backward(grad_mat if ctx.needs_input_grad[0] else None)
+        return losses
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: Tensor) -> tuple[Tensor | None, None, None]:
+        first_order_only()
+        (grad_mat,) = ctx.saved_tensors
+        return grad_mat * grad_losses.unsqueeze(1), None, None
+
+
+def matrix_row_losses(mat: Tensor, pos_rows: Tensor, pos_cols: Tensor, rule: RowRule) -> Tensor:
+    """Per-row losses ``(B,)`` of ``rule`` over a whole ``(B, R)`` matrix computed by the caller
+    (through autograd), whose positive pairs are the listed ``(P,)`` entries (row-major) and
+    whose negatives are all the others; with the gradient ``rule`` states, first order only."""
+    with full_precision(mat.device):
+        losses = _DenseRowLosses.apply(
+            mat, lambda m: RowBlock(m, pos_rows, pos_cols, None, None), rule
+        )
+    assert isinstance(losses, Tensor)
+    return losses
+
+
+def row_losses(batch: Batch, distance: BaseDistance, rule: RowRule, pairs: PairBlocks) -> Tensor:
+    """Per-query losses ``(B,)`` of ``rule`` over the ``distance`` matrix of ``batch``, with the
+    gradient that ``rule`` states (one formula, whichever way the matrix is computed).
+
+    ``rule`` receives a :class:`RowBlock` and returns the ``(c,)`` losses of its rows and their
+    ``(c, R)`` gradient with respect to its ``mat`` (which it must not modify); a row's loss may
+    depend on that row only. The row rules of :mod:`deepmetric.functional` are such rules.
+
+    The engine picks how the matrix is computed:
+
+    * a distance it fuses (:func:`fused_matrix_kind`): one block of rows at a time, never the
+      whole ``(B, R)`` matrix with a graph, and the embeddings' gradient written in closed form
+      (:func:`embedding_grads`);
+    * any other distance: its whole matrix, through its own autograd, and the rule applied to it
+      once.
+
+    Both give first derivatives only (``create_graph=True`` raises in the backward pass).
+    ``pairs`` naming a pair as both a positive and a negative is a ``ValueError``: a row rule
+    reads each entry as one or the other.
     """
+    if pairs.contradicting:
+        raise ValueError(
+            "indices_tuple names the same pair as both a positive and a negative (a pair is "
+            "either, not both positive and negative): drop it from one of the two lists"
+        )
     kind = fused_matrix_kind(distance)
     if kind is None:
-        return None
-    query, ref = normalized_inputs(distance, batch)
-    need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
-    with full_precision(query.device):
-        losses = _BlockwiseRowLosses.apply(query, ref, pairs, kind, rule, need_grad)
+        mat = distance(batch.embeddings, batch.ref_emb)
+        with full_precision(mat.device):
+            losses = _DenseRowLosses.apply(mat, lambda m: pairs.block(m, 0, len(m)), rule)
+    else:
+        query, ref = normalized_inputs(distance, batch)
+        need_grad = torch.is_grad_enabled() and (query.requires_grad or ref.requires_grad)
+        with full_precision(query.device):
+            losses = _BlockwiseRowLosses.apply(query, ref, pairs, kind, rule, need_grad)
     assert isinstance(losses, Tensor)
     return losses
 
@@ -132,3 +185,31 @@ def sparse_softmax(x: Tensor, rows: Tensor, n_rows: int, with_one: bool) -> tupl
         total += torch.exp(-shift)
     lse = total.log() + shift
     return lse, exps / total[rows]
+
+
+def masked_logsumexp(
+    x: Tensor, weight: Tensor, dim: int = -1, empty_value: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """``log Σ_j w_j exp(x_j)`` along ``dim`` over the entries with ``w_j > 0``.
+
+    Args:
+        x: values, any shape.
+        weight: same shape; a boolean mask (weight 1 where True) or non-negative counts.
+        dim: the dimension to reduce.
+        empty_value: the result where no entry is selected (e.g. ``0`` or ``-inf``).
+
+    Returns:
+        ``(value, nonempty)``: the reduced values and a boolean tensor, True where at least one
+        entry was selected. Gradients are finite everywhere.
+    """
+    keep = weight if weight.dtype == torch.bool else weight > 0
+    if weight.dtype != torch.bool:
+        # w·exp(x) = exp(x + log w); unselected entries become -inf below
+        x = x + weight.clamp_min(1).log().to(x.dtype)
+    nonempty = keep.any(dim=dim)
+    z = x.masked_fill(~keep, float("-inf"))
+    # an empty row is filled with finite dummies so that logsumexp's backward stays finite; its
+    # result is replaced by empty_value below (and passes no gradient back to x)
+    z = z.masked_fill(~nonempty.unsqueeze(dim), 0.0)
+    value = torch.logsumexp(z, dim=dim).masked_fill(~nonempty, empty_value)
+    return value, nonempty
