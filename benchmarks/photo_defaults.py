@@ -66,6 +66,9 @@ DATASETS: dict[str, dict[str, Any]] = {
               "p": 16, "k": 4, "epochs": 15},
     "products": {"make": make_products, "classes": 30, "photos": 8, "size": 72, "test": 10,
                  "p": 16, "k": 4, "epochs": 20},
+    # other products (generator seed 1), more classes and longer: a third set for confirming
+    "products_b": {"make": make_products, "classes": 50, "photos": 8, "size": 72, "test": 15,
+                   "p": 16, "k": 4, "epochs": 12, "seed": 1},
 }  # fmt: skip
 
 #: CLI variants tried against the defaults: extra flags of ``deepmetric train``.
@@ -99,7 +102,7 @@ def make_dataset(name: str, root: Path) -> Path:
     spec = DATASETS[name]
     folder = root / name
     if not folder.is_dir():
-        spec["make"](folder, spec["classes"], spec["photos"], spec["size"], 0)
+        spec["make"](folder, spec["classes"], spec["photos"], spec["size"], spec.get("seed", 0))
     return folder
 
 

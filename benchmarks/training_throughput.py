@@ -19,7 +19,13 @@ trunk (written below: torchvision does not import beside this torch) at 112×112
 images, P×K = 8×4 (the CPU would take minutes per epoch at 32×4); ``small-lazy``: the small
 case's images written as PNG files and decoded in 2 ``DataLoader`` workers on both sides (the
 trainer passes a seed per sample, its random transform a horizontal flip; the plain loop reads
-the same files with integer keys), with the loader's own rate (an epoch of batches, no steps).
+the same files with integer keys), with the loader's own rate (an epoch of batches, no steps);
+``resnet18-jpeg``: the ResNet-18 case on 224 px product JPEGs, decoded, cropped and flipped to
+112 px by :class:`~deepmetric.transforms.TrainTransform` in 2 workers on both sides (is the
+loader the bottleneck?); ``faces-small``: issue 14's small face set (20 people, 200 photos, 3
+batches of 16×4 an epoch, Conv-4 at 56 px): the trainer as a run uses it (JPEGs decoded by 2
+persistent workers with the photo augmentation, ``last.pt`` and the log written every epoch)
+against a plain loop over the same photos resized once and held in memory.
 
 Run: ``python benchmarks/training_throughput.py [--cases small resnet18] [--rounds 7]``. Prints
 a table and writes ``benchmarks/results/training_throughput.json``. Numbers on a machine shared
@@ -36,6 +42,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 from deepmetric import data, models
 from deepmetric.samplers import PKSampler
 from deepmetric.training import TrainConfig, Trainer
+from deepmetric.transforms import EvalTransform, TrainTransform
 
 RESULTS = Path(__file__).parent / "results" / "training_throughput.json"
 
@@ -76,6 +84,21 @@ class BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
+@dataclass
+class Case:
+    """A benchmark case: the model factory, the data each side trains on (the same, unless the
+    case compares the trainer's file pipeline with a plain loop over tensors), P, K, and the
+    trainer's own workers and checkpoints where the case sets them."""
+
+    model: Callable[[], nn.Module]
+    trainer_data: Dataset[Any]
+    plain_data: Dataset[Any]
+    p: int
+    k: int
+    trainer_workers: int | None = None
+    checkpoints: bool = False
+
+
 def resnet18_trunk() -> nn.Module:
     """ResNet-18's layout (11.2 M parameters): stem, 4 stages of 2 basic blocks (64-512
     channels), global average pooling -> ``(N, 512)``."""
@@ -91,6 +114,10 @@ def resnet18_trunk() -> nn.Module:
         cin = cout
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers)
+
+
+def resnet() -> nn.Module:
+    return models.EmbeddingNet(resnet18_trunk(), 512, embedding_size=128)
 
 
 class LazyPNGs(Dataset[tuple[Tensor | None, int, int]]):
@@ -122,8 +149,19 @@ class LazyPNGs(Dataset[tuple[Tensor | None, int, int]]):
         return x, int(self.labels[index]), index
 
 
-def case_setup(name: str) -> tuple[Callable[[], nn.Module], Dataset[Any], int, int]:
-    """``(model factory, dataset, p, k)`` of a case."""
+def photo_folder(kind: str, count: int, side: int) -> Path:
+    """A generated folder of JPEG photos (faces or products, ten per class), removed at exit."""
+    from deepmetric.data.synthetic import make_faces, make_products
+
+    folder = Path(tempfile.mkdtemp(prefix=f"throughput-{kind}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    make = make_faces if kind == "faces" else make_products
+    make(folder, count // 10, 10, side, 0)
+    return folder
+
+
+def case_setup(name: str) -> Case:
+    """The model, the data of each side, P and K of a case."""
     if name in ("small", "small-lazy"):
         omniglot = data.load_omniglot(28)
         keep = torch.where(omniglot.labels < 64)[0]  # 64 classes x 20: 10 batches an epoch
@@ -132,42 +170,67 @@ def case_setup(name: str) -> tuple[Callable[[], nn.Module], Dataset[Any], int, i
             return models.EmbeddingNet(models.SmallConvNet(1, 64, 4), 64, embedding_size=128)
 
         images = omniglot.subset(keep)
-        return small, LazyPNGs(images) if name == "small-lazy" else images, 32, 4
+        dataset = LazyPNGs(images) if name == "small-lazy" else images
+        return Case(small, dataset, dataset, 32, 4)
     if name == "resnet18":
         generator = torch.Generator().manual_seed(0)
         x = torch.rand(96, 3, 112, 112, generator=generator)  # 3 batches of 8 x 4
         labels = torch.arange(24).repeat_interleave(4)
+        dataset = data.ArrayDataset(x, labels)
+        return Case(resnet, dataset, dataset, 8, 4)
+    if name == "resnet18-jpeg":
+        # 224 px JPEGs decoded and cropped to 112 px by the workers on both sides
+        photos = data.open_dataset(f"folder:{photo_folder('products', 96, 224)}")
+        dataset = photos.with_transform(TrainTransform(112, scale=(0.5, 1.0)))
+        return Case(resnet, dataset, dataset, 8, 4)
+    if name == "faces-small":
+        # the face set of issue 14: 20 people, 200 photos, 3 batches an epoch, 56 px. The
+        # trainer reads the JPEGs through its workers with the CLI's augmentation and writes
+        # last.pt and the log every epoch; the plain loop holds the resized images in memory.
+        photos = data.open_dataset(f"folder:{photo_folder('faces', 200, 112)}")
+        resize = EvalTransform(56, resize=56, mean=(0.0,), std=(1.0,))
+        x = torch.stack([resize(Image.open(path).convert("RGB")) for path in photos.paths])
 
-        def resnet() -> nn.Module:
-            return models.EmbeddingNet(resnet18_trunk(), 512, embedding_size=128)
+        def conv4() -> nn.Module:
+            return models.EmbeddingNet(models.SmallConvNet(3, 64, 4), 64, embedding_size=128)
 
-        return resnet, data.ArrayDataset(x, labels), 8, 4
+        augmented = photos.with_transform(
+            TrainTransform(56, scale=(0.5, 1.0), mean=(0.0,), std=(1.0,))
+        )
+        in_memory = data.ArrayDataset(x, photos.labels)
+        return Case(conv4, augmented, in_memory, 16, 4, trainer_workers=2, checkpoints=True)
     raise ValueError(f"unknown case {name!r}")
 
 
 def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
-    factory, dataset, p, k = case_setup(name)
-    if name.endswith("-lazy"):
+    case = case_setup(name)
+    if name.endswith(("-lazy", "-jpeg")):
         workers = max(workers, 2)
+    trainer_workers = workers if case.trainer_workers is None else case.trainer_workers
+    run_dir = Path(tempfile.mkdtemp(prefix="throughput-run-")) if case.checkpoints else None
+    if run_dir is not None:
+        atexit.register(shutil.rmtree, run_dir, ignore_errors=True)
+    p, k = case.p, case.k
     torch.manual_seed(0)
-    config = TrainConfig(epochs=rounds + 1, p=p, k=k, progress=False, num_workers=workers)
+    config = TrainConfig(epochs=rounds + 1, p=p, k=k, progress=False, num_workers=trainer_workers)
     trainer = Trainer(
-        factory(),
+        case.model(),
         pml_losses.TripletMarginLoss(margin=0.1),
-        dataset,
+        case.trainer_data,
         config,
         miner=pml_miners.MultiSimilarityMiner(),
+        run_dir=run_dir,
     )
     steps = len(trainer.sampler)
 
     torch.manual_seed(0)
-    model = factory()
+    model = case.model()
     loss_fn = pml_losses.TripletMarginLoss(margin=0.1)
     miner = pml_miners.MultiSimilarityMiner()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    labels: Tensor = dataset.labels  # type: ignore[attr-defined]
+    labels: Tensor = case.plain_data.labels  # type: ignore[attr-defined]
     loader = DataLoader(
-        dataset,
+        case.plain_data,
         batch_sampler=PKSampler(labels, p, k, seed=0),
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -198,11 +261,12 @@ def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
         for side in order:
             seconds[side].append(timed(side))
     with tempfile.TemporaryDirectory() as folder:
-        trainer.run_dir = Path(folder)
+        trainer.run_dir, kept_dir = Path(folder), trainer.run_dir
         start = time.perf_counter()
         trainer.save("last.pt")
         save_seconds = time.perf_counter() - start
         checkpoint_mb = (Path(folder) / "last.pt").stat().st_size / 2**20
+        trainer.run_dir = kept_dir
     images = steps * p * k
     start = time.perf_counter()
     for _ in trainer.loader:  # the data alone: decoding (in the workers) and collation
@@ -214,6 +278,8 @@ def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
         "k": k,
         "steps_per_epoch": steps,
         "num_workers": workers,
+        "trainer_num_workers": trainer_workers,
+        "trainer_checkpoints_every_epoch": case.checkpoints,
         "rounds": rounds,
         "checkpoint_seconds": save_seconds,
         "checkpoint_mb": checkpoint_mb,
@@ -235,7 +301,11 @@ def measure(name: str, rounds: int, workers: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["small", "small-lazy", "resnet18"])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["small", "small-lazy", "resnet18", "resnet18-jpeg", "faces-small"],
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (both sides)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

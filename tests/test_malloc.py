@@ -66,3 +66,51 @@ def test_loader_workers_hand_freed_batches_back() -> None:
     loader = train_loader(_FreedBatchDataset(), sampler, config, torch.device("cpu"))
     (x, _, _), *_ = list(loader)
     assert float(x.max()) < 4096, f"the worker kept {float(x.max()):.0f} kB of freed blocks"
+
+
+_COPY_ON_WRITE_PROGRAM = """
+import os
+from pathlib import Path
+import torch
+from deepmetric._malloc import keep_freed_memory
+from deepmetric.inference import collate_samples, init_loader_worker
+
+keep_freed_memory()  # as the command line does
+blocks = [torch.ones(1 << 20) for _ in range(64)]  # 256 MB, then freed: kept in the heap
+del blocks
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return torch.zeros(2), 0, i
+
+loader = torch.utils.data.DataLoader(
+    Items(), batch_size=2, num_workers=1, persistent_workers=True,
+    collate_fn=collate_samples, worker_init_fn=init_loader_worker,
+)
+
+def worker_pss_mb():
+    (child,) = [int(c) for t in Path(f"/proc/{os.getpid()}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    for line in Path(f"/proc/{child}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+
+list(loader)
+before = worker_pss_mb()
+blocks = [torch.full((1 << 20,), 2.0) for _ in range(64)]  # the parent writes its heap again
+list(loader)
+print(worker_pss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc")
+def test_a_worker_drops_the_freed_heap_it_inherited() -> None:
+    # Without the trim, every page the parent writes again stays behind in the worker as a
+    # private copy: its memory would grow by the 256 MB the parent had freed.
+    out = subprocess.run(
+        [sys.executable, "-c", _COPY_ON_WRITE_PROGRAM], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 64, f"the worker grew by {float(out.stdout):.0f} MB"

@@ -25,7 +25,7 @@ def test_help_is_instant_and_explains_itself() -> None:
     assert "``" not in text  # no RST markup in the help
     for flag in ("--epochs", "--p", "--metric", "--scheduler", "--dataset", "--trunk"):
         assert flag in text
-    assert "folder:PATH" in text and "[cosine]" in text
+    assert "folder:PATH" in text and "[auto]" in text
 
 
 # -- help -----------------------------------------------------------------------------------------
