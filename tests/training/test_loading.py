@@ -159,3 +159,18 @@ def test_auto_workers_decode_files_and_leave_memory_alone(tmp_path: Path) -> Non
     assert loader_workers("auto", lazy) == min(4, cores or 1)
     assert loader_workers("auto", as_array_dataset(lazy)) == 0
     assert loader_workers(3, as_array_dataset(lazy)) == 3  # a number is taken as it is
+
+
+def test_persistent_workers_live_across_epochs_and_exit_when_training_ends(
+    tmp_path: Path,
+) -> None:
+    import multiprocessing
+
+    photos = write_pngs(tmp_path, range(3), 4)
+    trainer = make_trainer(photos, None, None, num_workers=1, epochs=2)
+    trainer.fit(max_steps=1)  # mid-run: the worker stays for the next epochs
+    alive = multiprocessing.active_children()
+    assert len(alive) == 1
+    trainer.fit()
+    assert len(trainer.history) == 2
+    assert not alive[0].is_alive() and not multiprocessing.active_children()

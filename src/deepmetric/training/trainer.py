@@ -762,6 +762,9 @@ class Trainer:
                 )
         if self.val_set is None and self.run_dir is not None:
             self.save("best.pt")
+        # Training is over: a fresh loader lets the old one's persistent workers exit now
+        # rather than sit beside the final evaluation (whose loader starts its own).
+        self.loader = train_loader(self.train_set, self.sampler, self.config, self.device)
         return self.history
 
     def _end_epoch(self) -> None:
