@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Any
 
 import pytest
-import torch
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -30,44 +28,47 @@ def test_other_platforms_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None
     assert _malloc.keep_freed_memory() is False
 
 
-def _resident_kb() -> int:
+_FREED_BATCH_PROGRAM = """
+import torch
+from deepmetric.samplers import PKSampler
+from deepmetric.training.config import TrainConfig
+from deepmetric.training.loading import train_loader
+
+def resident_kb():
     for line in open("/proc/self/status").read().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
-
-class _FreedBatchDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
-    """In the worker, makes and frees two 16 MB "batches" (a worker's life), then reports how
-    much of them the worker still holds."""
-
-    def __len__(self) -> int:
+class FreedBatches(torch.utils.data.Dataset):
+    # in the worker: two 16 MB blocks made and freed (a worker's life), and what it still holds
+    def __len__(self):
         return 4
-
-    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int, int]:
-        # one cycle first: what the first large operator sets up (its threads) is not measured
-        block = torch.ones(1 << 22)
+    def __getitem__(self, key):
+        block = torch.ones(1 << 22)  # a first cycle: the operator's own set-up is not measured
         del block
-        before = _resident_kb()
+        before = resident_kb()
         for _ in range(2):
             block = torch.ones(1 << 22)  # 16 MB, every page touched
             del block
-        return torch.tensor([float(_resident_kb() - before)]), 0, 0
+        return torch.tensor([float(resident_kb() - before)]), 0, 0
+
+sampler = PKSampler(torch.tensor([0, 0, 1, 1]), 2, 2, seed=0)
+config = TrainConfig(num_workers=1, persistent_workers=False)
+(x, _, _), *_ = list(train_loader(FreedBatches(), sampler, config, torch.device("cpu")))
+print(float(x.max()))
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_loader_workers_hand_freed_batches_back() -> None:
     # glibc's default keeps the second 16 MB block on the heap after the first free raised its
-    # mmap threshold: the worker would hold it (and one more per batch size it meets).
-    from deepmetric.samplers import PKSampler
-    from deepmetric.training.config import TrainConfig
-    from deepmetric.training.loading import train_loader
-
-    sampler = PKSampler(torch.tensor([0, 0, 1, 1]), 2, 2, seed=0)
-    config = TrainConfig(num_workers=1, persistent_workers=False)
-    loader = train_loader(_FreedBatchDataset(), sampler, config, torch.device("cpu"))
-    (x, _, _), *_ = list(loader)
-    assert float(x.max()) < 4096, f"the worker kept {float(x.max()):.0f} kB of freed blocks"
+    # mmap threshold: the worker would hold it (and one more per batch size it meets). A fresh
+    # process, so that no freed heap of this one is inherited.
+    out = subprocess.run(
+        [sys.executable, "-c", _FREED_BATCH_PROGRAM], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 4096, f"the worker kept {float(out.stdout):.0f} kB of freed blocks"
 
 
 _COPY_ON_WRITE_PROGRAM = """
