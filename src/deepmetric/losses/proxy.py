@@ -1,5 +1,7 @@
 """Proxy-based losses: ProxyNCA (Movshovitz-Attias et al., 2017) and ProxyAnchor (Kim et al., 2020),
-and the machinery shared by every loss that learns one vector per class.
+and the machinery shared by every loss that learns one vector per class. Their formulas are
+:func:`deepmetric.functional.proxy_nca_losses` and
+:func:`~deepmetric.functional.proxy_anchor_losses`.
 
 A *class-weight loss* owns an ordinary ``nn.Parameter`` (the proxies of the proxy losses, the
 classifier matrix ``W`` of the softmax-margin losses in :mod:`.softmax_margin`), so

@@ -8,6 +8,9 @@ Each loss owns a classifier matrix ``W`` of shape ``(embedding_size, num_classes
 shape, so PML state dicts load with ``strict=True``), computes ``(B, C)`` logits from the cosine
 between the embeddings and the columns of ``W``, replaces every sample's *target* logit (the one of
 its own class) by a margin-penalised value, scales, and applies cross-entropy per sample.
+The formulas are in :mod:`deepmetric.functional`
+(:func:`~deepmetric.functional.normalized_softmax_losses`,
+:func:`~deepmetric.functional.margin_softmax_losses` and the target margins); each class calls one.
 
 The margin-based losses derive from :class:`LargeMarginSoftmaxLoss`, as in PML: a subclass changes
 :meth:`~LargeMarginSoftmaxLoss.modify_cosine_of_target_classes` (the margin) and
