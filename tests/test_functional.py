@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -316,3 +317,124 @@ def test_npairs_rows_match_autograd_of_the_cross_entropy(inverted: bool) -> None
     (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
     torch.testing.assert_close(losses, expected.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+# -- the classification formulas against plain loops over the samples and classes -----------------
+
+
+def _classification_case(seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(6, 4)`` cosines in ``(-1, 1)``, labels covering classes 0-2 (class 3 has no sample),
+    and miner-like weights in ``(0, 1]``."""
+    g = torch.Generator().manual_seed(seed)
+    cosine = torch.rand(6, 4, generator=g, dtype=torch.float64) * 1.9 - 0.95
+    labels = torch.tensor([0, 2, 1, 0, 2, 2])
+    weights = torch.rand(6, generator=g, dtype=torch.float64) * 0.9 + 0.1
+    return cosine, labels, weights
+
+
+def _plain_cross_entropy(logits: list[float], label: int) -> float:
+    return math.log(sum(math.exp(z) for z in logits)) - logits[label]
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_normalized_softmax_losses_match_a_plain_loop(inverted: bool) -> None:
+    distance = distances.CosineSimilarity() if inverted else distances.LpDistance()
+    sims, labels, weights = _classification_case(1)
+    got = functional.normalized_softmax_losses(sims, labels, 0.3, distance, weights)
+    sign = 1.0 if inverted else -1.0
+    for i in range(len(sims)):
+        logits = [sign * float(s) / 0.3 for s in sims[i]]
+        expected = float(weights[i]) * _plain_cross_entropy(logits, int(labels[i]))
+        assert float(got[i]) == pytest.approx(expected, rel=1e-12)
+
+
+def _plain_large_margin(c: float, m: int) -> float:
+    theta = math.acos(c)
+    k = math.floor(theta * m / math.pi)
+    return (-1) ** k * math.cos(m * theta) - 2 * k
+
+
+def _plain_arc(c: float, m: float) -> float:
+    theta = math.acos(c)
+    return math.cos(theta + m) if theta <= math.pi - m else c - m * math.sin(m)
+
+
+@pytest.mark.parametrize(
+    ("name", "margin", "plain"),
+    [
+        ("large_margin", 3, _plain_large_margin),
+        ("cosface", 0.35, lambda c, m: c - m),
+        ("arcface", 0.5, _plain_arc),
+        ("arcface_past_pi_minus_m", 2.8, _plain_arc),  # most targets take the fallback
+    ],
+)
+def test_margin_softmax_losses_match_a_plain_loop(
+    name: str, margin: float, plain: Callable[[float, float], float]
+) -> None:
+    cosine, labels, weights = _classification_case(2)
+    targets = {
+        "large_margin": lambda c: functional.large_margin_target(c, int(margin)),
+        "cosface": lambda c: functional.additive_cosine_margin(c, margin),
+    }
+    target = targets.get(name, lambda c: functional.additive_angular_margin(c, margin))
+    scale = torch.linspace(0.5, 2.0, 6, dtype=torch.float64).unsqueeze(1) * 3  # a per-row scale
+    got = functional.margin_softmax_losses(
+        cosine, labels, target, lambda logits: logits * scale, weights
+    )
+    for i in range(len(cosine)):
+        y = int(labels[i])
+        row = [float(c) for c in cosine[i]]
+        row[y] = plain(row[y], margin)
+        logits = [z * float(scale[i, 0]) for z in row]
+        expected = float(weights[i]) * _plain_cross_entropy(logits, y)
+        assert float(got[i]) == pytest.approx(expected, rel=1e-10)
+
+
+def test_margin_softmax_losses_pass_gradcheck() -> None:
+    cosine, labels, weights = _classification_case(3)
+    cosine.requires_grad_(True)
+    for target in (
+        lambda c: functional.large_margin_target(c, 4),
+        lambda c: functional.additive_angular_margin(c, 0.5),
+    ):
+        assert torch.autograd.gradcheck(
+            lambda c, t=target: functional.margin_softmax_losses(
+                c, labels, t, lambda z: z * 2.0, weights
+            ),
+            (cosine,),
+        )
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_proxy_nca_losses_match_a_plain_loop(inverted: bool) -> None:
+    distance = distances.CosineSimilarity() if inverted else distances.LpDistance(power=2)
+    mat, labels, weights = _classification_case(4)
+    got = functional.proxy_nca_losses(mat, labels, 2.5, distance, weights)
+    sign = 1.0 if inverted else -1.0
+    for i in range(len(mat)):
+        logits = [sign * 2.5 * float(d) for d in mat[i]]
+        expected = float(weights[i]) * _plain_cross_entropy(logits, int(labels[i]))
+        assert float(got[i]) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("inverted", [False, True])
+def test_proxy_anchor_losses_match_a_plain_loop(inverted: bool) -> None:
+    distance = distances.CosineSimilarity() if inverted else distances.LpDistance()
+    sim, labels, weights = _classification_case(5)
+    margin, alpha = 0.1, 8.0
+    pos, neg = functional.proxy_anchor_losses(sim, labels, 4, margin, alpha, weights, distance)
+    for j in range(4):
+        pos_sum = neg_sum = 0.0
+        for i in range(len(sim)):
+            s, w = float(sim[i, j]), float(weights[i])
+            if inverted:  # a similarity: positives pulled above the margin, negatives below -m
+                pull, push = margin - s, s + margin
+            else:  # a distance: the same margins measured the other way round
+                pull, push = s - margin, -margin - s
+            if int(labels[i]) == j:
+                pos_sum += math.exp(alpha * pull + w - 1)
+            else:
+                neg_sum += math.exp(alpha * push + w - 1)
+        assert float(pos[j]) == pytest.approx(math.log1p(pos_sum), rel=1e-12, abs=1e-15)
+        assert float(neg[j]) == pytest.approx(math.log1p(neg_sum), rel=1e-12)
+    assert float(pos[3]) == 0.0  # class 3 has no sample: log(1 + 0)

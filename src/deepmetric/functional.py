@@ -26,6 +26,11 @@ Bind the options and hand the rule to :func:`deepmetric.pairwise.row_losses`::
 
     losses = row_losses(batch, distance, lambda block: circle_rows(block, 0.25, 256), pairs)
 
+**Classification formulas** (:func:`normalized_softmax_losses`, :func:`margin_softmax_losses`
+with its target margins, :func:`proxy_nca_losses`, :func:`proxy_anchor_losses`) take the
+``(B, C)`` matrix between the embeddings and one learnt vector per class (classifier weights or
+proxies) and are differentiated by autograd.
+
 ``distance`` arguments only say which way the matrix runs: for a distance (smaller is closer)
 the formulas are written as stated; for a similarity (``distance.is_inverted``) every margin is
 measured the other way round (:meth:`~deepmetric.distances.BaseDistance.margin`).
@@ -34,6 +39,7 @@ measured the other way round (:meth:`~deepmetric.distances.BaseDistance.margin`)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,16 +49,25 @@ from .distances import BaseDistance
 from .pairwise import RowBlock, masked_logsumexp, row_softmax_, sparse_softmax
 
 __all__ = [
+    "additive_angular_margin",
+    "additive_cosine_margin",
     "circle_rows",
     "contrastive_pairs",
+    "large_margin_target",
     "lifted_structure_pairs",
+    "margin_softmax_losses",
     "margin_halves",
     "triplet_margin",
     "generalized_lifted_structure_rows",
     "multi_similarity_rows",
     "npairs_rows",
+    "normalized_softmax_logits",
+    "normalized_softmax_losses",
     "ntxent_pairs",
+    "proxy_anchor_losses",
+    "proxy_nca_losses",
     "ranked_list_rows",
+    "weighted_cross_entropy",
 ]
 
 # F.softplus (and PML's nn.Softplus) is the identity above this, with a slope of exactly 1.
@@ -422,3 +437,194 @@ def npairs_rows(block: RowBlock, distance: BaseDistance) -> tuple[Tensor, Tensor
     grad = log_softmax.exp_()  # (in the log-softmax's memory)
     grad.scatter_add_(1, positive, grad.new_full(positive.shape, -1.0))
     return losses, grad if distance.is_inverted else grad.neg_()
+
+
+# -- classification formulas: one vector per class (classifier weights or proxies) ---------------
+#
+# These take the ``(B, C)`` matrix between the embeddings and the class vectors, computed by the
+# loss (in full precision); the per-sample losses are then weighted by the miner's weights ``w``
+# (all ones without a miner).
+
+
+def weighted_cross_entropy(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+    """``(B,)`` per-sample losses ``-log softmax(logits)[i, y_i] · w_i`` of ``(B, C)`` logits
+    against ``(B,)`` labels in ``[0, C)``, with ``(B,)`` weights ``w``."""
+    return F.cross_entropy(logits, labels, reduction="none") * weights
+
+
+def normalized_softmax_logits(sims: Tensor, temperature: float, distance: BaseDistance) -> Tensor:
+    """NormFace's logits (Wang, Xiang, Cheng & Yuille, 2017): ``s_ij / T`` for the ``(B, C)``
+    similarities to the L2-normalised class weights, ``-d_ij / T`` for a distance."""
+    logits = sims / temperature
+    return logits if distance.is_inverted else -logits
+
+
+def normalized_softmax_losses(
+    sims: Tensor, labels: Tensor, temperature: float, distance: BaseDistance, weights: Tensor
+) -> Tensor:
+    """NormFace loss of each sample (Wang, Xiang, Cheng & Yuille, 2017)::
+
+        loss_i = w_i · (log Σ_j exp(s_ij / T) - s_iy_i / T)
+
+    with ``s`` the ``(B, C)`` similarities of the embeddings to the L2-normalised class weights
+    (``-d`` for a distance, :func:`normalized_softmax_logits`), ``(B,)`` labels ``y`` and
+    weights ``w``. Returns the ``(B,)`` losses.
+    """
+    return weighted_cross_entropy(
+        normalized_softmax_logits(sims, temperature, distance), labels, weights
+    )
+
+
+def target_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """``(B,)``: each sample's entry of the ``(B, C)`` logits for its own class."""
+    return logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
+def with_target_logits(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
+    """A copy of the ``(B, C)`` logits with each sample's own-class entry replaced by the
+    ``(B,)`` ``target``."""
+    return logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1))
+
+
+def margin_softmax_losses(
+    cosine: Tensor,
+    labels: Tensor,
+    target_margin: Callable[[Tensor], Tensor],
+    scale: Callable[[Tensor], Tensor],
+    weights: Tensor,
+) -> Tensor:
+    """Softmax with a margin on the target class, the family of L-softmax (Liu, Wen, Yu & Yang,
+    2016), SphereFace (Liu et al., 2017), CosFace (Wang et al., 2018) and ArcFace (Deng, Guo,
+    Xue & Zafeiriou, 2019)::
+
+        z_ij   = scale(cos θ_ij)          for j ≠ y_i
+        z_iy_i = scale(ψ(cos θ_iy_i))     the target: penalised by the margin ψ
+        loss_i = w_i · (log Σ_j exp(z_ij) - z_iy_i)
+
+    Args:
+        cosine: ``(B, C)`` cosines between the embeddings and the class weights.
+        labels: ``(B,)`` classes in ``[0, C)``.
+        target_margin: ``ψ``, ``(B,)`` target cosines -> ``(B,)`` penalised target logits
+            (:func:`large_margin_target`, :func:`additive_cosine_margin`,
+            :func:`additive_angular_margin`).
+        scale: ``(B, C)`` logits -> ``(B, C)`` scaled logits (a constant for CosFace and
+            ArcFace, ``|x_i|`` for SphereFace, ``|x_i| |W_j|`` for L-softmax, each times the
+            loss's ``scale``).
+        weights: ``(B,)`` per-sample weights.
+
+    Returns:
+        ``(B,)`` losses.
+    """
+    target = target_margin(target_logits(cosine, labels))
+    logits = scale(with_target_logits(cosine, labels, target))
+    return weighted_cross_entropy(logits, labels, weights)
+
+
+def cos_of_multiple_angle(cosine: Tensor, m: int) -> Tensor:
+    """``cos(m θ)`` from ``cos θ``: the Chebyshev polynomial ``T_m``, by its recurrence
+    ``T_{n+1} = 2 c T_n - T_{n-1}`` (the same polynomial as L-softmax's binomial expansion)."""
+    previous, current = torch.ones_like(cosine), cosine
+    for _ in range(m - 1):
+        previous, current = current, 2 * cosine * current - previous
+    return current if m >= 1 else previous
+
+
+def large_margin_target(cos_target: Tensor, m: int) -> Tensor:
+    """L-softmax's and SphereFace's target logit (Liu, Wen, Yu & Yang, 2016, eq. 6; Liu et al.,
+    2017): ``ψ(θ) = (-1)^k cos(m θ) - 2k`` with ``k = floor(θ m / π)``, which decreases
+    monotonically in ``θ``. ``(B,)`` target cosines -> ``(B,)`` logits; ``k`` carries no
+    gradient."""
+    with torch.no_grad():
+        theta = torch.acos(cos_target.clamp(-1, 1))
+        k = torch.floor(theta / (math.pi / m))
+        sign = 1 - 2 * torch.remainder(k, 2)
+    return sign * cos_of_multiple_angle(cos_target, m) - 2 * k
+
+
+def additive_cosine_margin(cos_target: Tensor, margin: float) -> Tensor:
+    """CosFace's target logit (Wang, Wang, Zhou, Ji, Gong, Zhou, Li & Liu, 2018):
+    ``ψ(θ) = cos θ - m``. ``(B,)`` target cosines -> ``(B,)`` logits."""
+    return cos_target - margin
+
+
+def _safe_sin_from_cos(cosine: Tensor) -> Tensor:
+    """``sin θ = sqrt(1 - cos² θ)`` for ``θ`` in ``[0, π]``, with a zero (not infinite) gradient
+    where ``cos θ = ±1``."""
+    squared = (1 - cosine) * (1 + cosine)
+    at_pole = squared <= 0
+    return torch.sqrt(squared.masked_fill(at_pole, 1.0)).masked_fill(at_pole, 0.0)
+
+
+def additive_angular_margin(cos_target: Tensor, margin: float) -> Tensor:
+    """ArcFace's target logit (Deng, Guo, Xue & Zafeiriou, 2019): ``cos(θ + m)`` while
+    ``θ <= π - m``, else ``cos θ - m sin m`` (the insightface / PML rule that keeps the logit
+    decreasing in ``θ``). ``(B,)`` target cosines -> ``(B,)`` logits; ``margin`` in radians.
+
+    ``cos(θ + m)`` is expanded as ``cos θ cos m - sin θ sin m`` with a gradient-safe ``sin θ``
+    instead of going through ``acos`` (whose derivative is infinite at ``θ = 0`` and ``θ = π``,
+    PML issue 209): the value is the same, the gradient is finite everywhere, and at exactly
+    ``θ = 0`` the gradient is that of ``cos θ cos m``. The branch is chosen exactly as PML does
+    (``acos(cos θ) <= π - m``), without gradient.
+    """
+    cosine = cos_target.clamp(-1, 1)
+    with torch.no_grad():
+        use_arc = torch.acos(cosine) <= math.pi - margin
+    cos_plus_margin = cosine * math.cos(margin) - _safe_sin_from_cos(cosine) * math.sin(margin)
+    fallback = cosine - margin * math.sin(margin)
+    return torch.where(use_arc, cos_plus_margin, fallback)
+
+
+def proxy_nca_losses(
+    mat: Tensor, labels: Tensor, softmax_scale: float, distance: BaseDistance, weights: Tensor
+) -> Tensor:
+    """ProxyNCA loss of each sample (Movshovitz-Attias, Toshev, Leung, Ioffe & Singh, 2017)::
+
+        loss_i = w_i · (log Σ_j exp(-τ d_ij) + τ d_iy_i)
+
+    the negative log of the softmax probability of the sample's own proxy, with ``d`` the
+    ``(B, C)`` distances to the proxies and ``τ`` the ``softmax_scale`` (logits ``+τ s`` for a
+    similarity ``s``), ``(B,)`` labels ``y`` and weights ``w``. Returns the ``(B,)`` losses.
+    """
+    logits = mat * softmax_scale
+    if not distance.is_inverted:
+        logits = -logits
+    return weighted_cross_entropy(logits, labels, weights)
+
+
+def _log1p_sum_exp(x: Tensor, keep: Tensor) -> Tensor:
+    """Column-wise ``log(1 + sum_{i: keep[i, j]} exp(x[i, j]))`` of a ``(B, C)`` matrix, stably
+    (``0`` for a column with nothing kept)."""
+    x = x.masked_fill(~keep, float("-inf"))
+    one = x.new_zeros(1, x.shape[1])  # the "1 +": exp(0)
+    return torch.logsumexp(torch.cat([x, one]), dim=0)
+
+
+def proxy_anchor_losses(
+    sim: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    margin: float,
+    alpha: float,
+    weights: Tensor,
+    distance: BaseDistance,
+) -> tuple[Tensor, Tensor]:
+    """Proxy Anchor loss's terms of each proxy (Kim, Kim, Cho & Kwak, 2020)::
+
+        pos_j = log(1 + Σ_{i: y_i = j} exp(α (m - s_ij) + w_i - 1))
+        neg_j = log(1 + Σ_{i: y_i ≠ j} exp(α (s_ij + m) + w_i - 1))
+
+    from the ``(B, C)`` similarities ``s`` of the samples to the proxies (the margins are
+    measured the other way round for a distance), ``(B,)`` labels ``y`` in ``[0, C)`` and the
+    ``(B,)`` miner weights ``w`` (1 without a miner, entering the exponent as in PML). The loss
+    is the mean of ``pos`` over the proxies with a positive plus the mean of ``neg`` over all.
+
+    Returns:
+        the ``(C,)`` positive terms and the ``(C,)`` negative terms.
+    """
+    pos_mask = F.one_hot(labels, num_classes).bool()
+    log_w = (weights - 1).unsqueeze(1)
+    pos_exp = distance.margin(sim, margin)
+    neg_exp = distance.margin(-margin, sim)
+    pos = _log1p_sum_exp(alpha * pos_exp + log_w, pos_mask)
+    neg = _log1p_sum_exp(alpha * neg_exp + log_w, ~pos_mask)
+    return pos, neg

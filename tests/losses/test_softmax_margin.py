@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from deepmetric import functional
 from deepmetric.losses import softmax_margin
 from tests.losses.classification_cases import (
     _batch,
@@ -88,7 +89,7 @@ def test_arcface_closed_form_one_sample_two_classes(theta_deg: float) -> None:
 def test_cos_of_multiple_angle_is_cos_m_theta() -> None:
     theta = torch.linspace(0, math.pi, 50, dtype=torch.float64)
     for m in range(1, 7):
-        got = softmax_margin.cos_of_multiple_angle(torch.cos(theta), m)
+        got = functional.cos_of_multiple_angle(torch.cos(theta), m)
         torch.testing.assert_close(got, torch.cos(m * theta))
 
 
@@ -111,7 +112,7 @@ def test_arcface_at_theta_zero_and_pi_is_finite(name: str, dtype: torch.dtype, s
         # the target logit is exactly cos(0 + m) or cos(π) - m sin m
         m = ours.margin
         cosine = ours.get_cosine(emb.detach())
-        target = softmax_margin.target_logits(cosine, labels)
+        target = functional.target_logits(cosine, labels)
         expected = math.cos(m) if sign > 0 else -1 - m * math.sin(m)
         got = ours.modify_cosine_of_target_classes(target)
         # a float32 cosine of 1 - 6e-8 is an angle of 3.5e-4: sin(m) * 3.5e-4 off cos(m)

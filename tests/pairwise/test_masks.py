@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepmetric import pairwise
-from deepmetric.losses.npairs import first_pair_per_label, first_pair_per_label_from_labels
-from deepmetric.pairwise import label_masks
+from deepmetric.pairwise import first_pair_per_label, first_pair_per_label_from_labels, label_masks
 
 # -- 5. the positive pairs from sorted labels --------------------------------------------------
 

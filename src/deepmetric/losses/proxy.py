@@ -1,5 +1,7 @@
 """Proxy-based losses: ProxyNCA (Movshovitz-Attias et al., 2017) and ProxyAnchor (Kim et al., 2020),
-and the machinery shared by every loss that learns one vector per class.
+and the machinery shared by every loss that learns one vector per class. Their formulas are
+:func:`deepmetric.functional.proxy_nca_losses` and
+:func:`~deepmetric.functional.proxy_anchor_losses`.
 
 A *class-weight loss* owns an ordinary ``nn.Parameter`` (the proxies of the proxy losses, the
 classifier matrix ``W`` of the softmax-margin losses in :mod:`.softmax_margin`), so
@@ -23,11 +25,11 @@ from functools import reduce
 from typing import TypedDict
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from ..distances import BaseDistance, CosineSimilarity, LpDistance
+from ..functional import proxy_anchor_losses, proxy_nca_losses
 from ..reducers import BaseReducer, DivisorReducer, LossDict, LossInfo, scalar_entry
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
@@ -168,11 +170,6 @@ class ClassWeightLoss(BaseMetricLossFunction):
 # -- ProxyNCA -------------------------------------------------------------------------------------
 
 
-def proxy_nca_losses(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
-    """Per-sample losses ``-log softmax(logits)[i, y_i] * w_i`` for ``(B, C)`` logits."""
-    return F.cross_entropy(logits, labels, reduction="none") * weights
-
-
 class ProxyNCALoss(ClassWeightLoss):
     """Neighbourhood components analysis against one learnable proxy per class.
 
@@ -213,10 +210,8 @@ class ProxyNCALoss(ClassWeightLoss):
             weights = miner_weights(
                 batch.indices_tuple, len(emb), dtype, emb.device, anchors_only=True
             )
-            logits = self.distance(emb, proxies).to(dtype) * self.softmax_scale
-            if not self.distance.is_inverted:
-                logits = -logits
-            losses = proxy_nca_losses(logits, labels, weights)
+            mat = self.distance(emb, proxies).to(dtype)
+            losses = proxy_nca_losses(mat, labels, self.softmax_scale, self.distance, weights)
         loss_dict: LossDict = {
             "loss": {
                 "losses": losses,
@@ -236,39 +231,6 @@ class ProxyNCALoss(ClassWeightLoss):
 
 
 # -- ProxyAnchor ----------------------------------------------------------------------------------
-
-
-def _log1p_sum_exp(x: Tensor, keep: Tensor) -> Tensor:
-    """Column-wise ``log(1 + sum_{i: keep[i, j]} exp(x[i, j]))`` of a ``(B, C)`` matrix, stably
-    (``0`` for a column with nothing kept)."""
-    x = x.masked_fill(~keep, float("-inf"))
-    one = x.new_zeros(1, x.shape[1])  # the "1 +": exp(0)
-    return torch.logsumexp(torch.cat([x, one]), dim=0)
-
-
-def proxy_anchor_losses(
-    sim: Tensor,
-    labels: Tensor,
-    num_classes: int,
-    margin: float,
-    alpha: float,
-    weights: Tensor,
-    distance: BaseDistance,
-) -> tuple[Tensor, Tensor]:
-    """Per-proxy positive and negative terms, each ``(C,)``, from the ``(B, C)`` matrix ``sim``.
-
-    ``pos[j] = log(1 + sum_{i in class j} exp(alpha * (m - s_ij) + w_i - 1))`` and
-    ``neg[j] = log(1 + sum_{i not in class j} exp(alpha * (s_ij + m) + w_i - 1))`` for a
-    similarity ``s`` (the margins are measured the other way round for a distance); ``w`` are
-    the miner weights, 1 without a miner, entering the exponent as in PML.
-    """
-    pos_mask = F.one_hot(labels, num_classes).bool()
-    log_w = (weights - 1).unsqueeze(1)
-    pos_exp = distance.margin(sim, margin)
-    neg_exp = distance.margin(-margin, sim)
-    pos = _log1p_sum_exp(alpha * pos_exp + log_w, pos_mask)
-    neg = _log1p_sum_exp(alpha * neg_exp + log_w, ~pos_mask)
-    return pos, neg
 
 
 class ProxyAnchorLoss(ClassWeightLoss):

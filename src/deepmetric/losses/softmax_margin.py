@@ -8,6 +8,9 @@ Each loss owns a classifier matrix ``W`` of shape ``(embedding_size, num_classes
 shape, so PML state dicts load with ``strict=True``), computes ``(B, C)`` logits from the cosine
 between the embeddings and the columns of ``W``, replaces every sample's *target* logit (the one of
 its own class) by a margin-penalised value, scales, and applies cross-entropy per sample.
+The formulas are in :mod:`deepmetric.functional`
+(:func:`~deepmetric.functional.normalized_softmax_losses`,
+:func:`~deepmetric.functional.margin_softmax_losses` and the target margins); each class calls one.
 
 The margin-based losses derive from :class:`LargeMarginSoftmaxLoss`, as in PML: a subclass changes
 :meth:`~LargeMarginSoftmaxLoss.modify_cosine_of_target_classes` (the margin) and
@@ -20,12 +23,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import Unpack
 
 from .._checks import check_embeddings, check_labels
 from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity
+from ..functional import (
+    additive_angular_margin,
+    additive_cosine_margin,
+    large_margin_target,
+    margin_softmax_losses,
+    normalized_softmax_logits,
+    normalized_softmax_losses,
+)
 from ..pairwise import MatrixKind, fused_matrix_kind
 from ..reducers import LossDict
 from .base import Batch
@@ -37,69 +47,6 @@ from .proxy import (
     full_precision,
     miner_weights,
 )
-
-# -- functional core ------------------------------------------------------------------------------
-
-
-def softmax_losses(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
-    """Per-sample cross-entropy of ``(B, C)`` logits against ``(B,)`` labels, times ``weights``."""
-    return F.cross_entropy(logits, labels, reduction="none") * weights
-
-
-def target_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """``(B,)``: each sample's logit for its own class."""
-    return logits.gather(1, labels.unsqueeze(1)).squeeze(1)
-
-
-def with_target_logits(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
-    """A copy of the ``(B, C)`` logits with each sample's own-class entry replaced by ``target``."""
-    return logits.scatter(1, labels.unsqueeze(1), target.unsqueeze(1))
-
-
-def cos_of_multiple_angle(cosine: Tensor, m: int) -> Tensor:
-    """``cos(m θ)`` from ``cos θ``: the Chebyshev polynomial ``T_m``, by its recurrence
-    ``T_{n+1} = 2 c T_n - T_{n-1}`` (the same polynomial as L-softmax's binomial expansion)."""
-    previous, current = torch.ones_like(cosine), cosine
-    for _ in range(m - 1):
-        previous, current = current, 2 * cosine * current - previous
-    return current if m >= 1 else previous
-
-
-def large_margin_target(cos_target: Tensor, m: int) -> Tensor:
-    """L-softmax's target logit ``ψ(θ) = (-1)^k cos(m θ) - 2k`` with ``k = floor(θ m / π)``,
-    which decreases monotonically in ``θ`` (Liu et al. 2016, eq. 6). ``k`` carries no gradient."""
-    with torch.no_grad():
-        theta = torch.acos(cos_target.clamp(-1, 1))
-        k = torch.floor(theta / (math.pi / m))
-        sign = 1 - 2 * torch.remainder(k, 2)
-    return sign * cos_of_multiple_angle(cos_target, m) - 2 * k
-
-
-def _safe_sin_from_cos(cosine: Tensor) -> Tensor:
-    """``sin θ = sqrt(1 - cos² θ)`` for ``θ`` in ``[0, π]``, with a zero (not infinite) gradient
-    where ``cos θ = ±1``."""
-    squared = (1 - cosine) * (1 + cosine)
-    at_pole = squared <= 0
-    return torch.sqrt(squared.masked_fill(at_pole, 1.0)).masked_fill(at_pole, 0.0)
-
-
-def additive_angular_margin(cos_target: Tensor, margin: float) -> Tensor:
-    """ArcFace's target logit: ``cos(θ + m)`` while ``θ <= π - m``, else ``cos θ - m sin m`` (the
-    insightface / PML rule that keeps the logit decreasing in ``θ``).
-
-    ``cos(θ + m)`` is expanded as ``cos θ cos m - sin θ sin m`` with a gradient-safe ``sin θ``
-    instead of going through ``acos`` (whose derivative is infinite at ``θ = 0`` and ``θ = π``,
-    PML issue 209): the value is the same, the gradient is finite everywhere, and at exactly
-    ``θ = 0`` the gradient is that of ``cos θ cos m``. The branch is chosen exactly as PML does
-    (``acos(cos θ) <= π - m``), without gradient.
-    """
-    cosine = cos_target.clamp(-1, 1)
-    with torch.no_grad():
-        use_arc = torch.acos(cosine) <= math.pi - margin
-    cos_plus_margin = cosine * math.cos(margin) - _safe_sin_from_cos(cosine) * math.sin(margin)
-    fallback = cosine - margin * math.sin(margin)
-    return torch.where(use_arc, cos_plus_margin, fallback)
-
 
 # -- NormFace -------------------------------------------------------------------------------------
 
@@ -136,7 +83,10 @@ class NormalizedSoftmaxLoss(ClassWeightLoss):
         with full_precision(batch.embeddings.device):
             emb = batch.embeddings.to(compute_dtype(batch.embeddings, self.W))
             weights = miner_weights(batch.indices_tuple, len(emb), emb.dtype, emb.device)
-            losses = softmax_losses(self._logits(emb), labels, weights)
+            sims = self._similarities(emb)
+            losses = normalized_softmax_losses(
+                sims, labels, self.temperature, self.distance, weights
+            )
             loss_dict: LossDict = {
                 "loss": {
                     "losses": losses,
@@ -147,22 +97,23 @@ class NormalizedSoftmaxLoss(ClassWeightLoss):
             self.add_weight_regularization(loss_dict, self.W.to(emb.dtype).t())
         return loss_dict
 
-    def _logits(self, emb: Tensor) -> Tensor:
-        """Logits of embeddings already validated (with the batch, or by :meth:`get_logits`)."""
+    def _similarities(self, emb: Tensor) -> Tensor:
+        """``(B, C)`` similarities (or distances) of embeddings already validated (with the
+        batch, or by :meth:`get_logits`) to the L2-normalised class weights."""
         normalized_w = self.distance.normalize(self.W.to(emb.dtype), dim=0)
         if fused_matrix_kind(self.distance) is MatrixKind.INNER_PRODUCT:
             # a plain inner product: one product, without normalising the unit W a second time
             sims = self.distance.maybe_normalize(emb) @ normalized_w
         else:
             sims = self.distance(emb, normalized_w.t())
-        logits = sims.to(emb.dtype) / self.temperature
-        return logits if self.distance.is_inverted else -logits
+        return sims.to(emb.dtype)
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """``(B, embedding_size)`` -> ``(B, num_classes)`` logits, as PML's ``get_logits``."""
         check_embeddings(embeddings, "embeddings")
         with full_precision(embeddings.device):
-            return self._logits(embeddings.to(compute_dtype(embeddings, self.W)))
+            sims = self._similarities(embeddings.to(compute_dtype(embeddings, self.W)))
+            return normalized_softmax_logits(sims, self.temperature, self.distance)
 
 
 # -- L-softmax and its descendants ----------------------------------------------------------------
@@ -228,10 +179,13 @@ class LargeMarginSoftmaxLoss(ClassWeightLoss):
         with full_precision(batch.embeddings.device):
             emb = batch.embeddings.to(compute_dtype(batch.embeddings, self.W))
             weights = miner_weights(batch.indices_tuple, len(emb), emb.dtype, emb.device)
-            cosine = self.get_cosine(emb)
-            target = self.modify_cosine_of_target_classes(target_logits(cosine, labels))
-            logits = self.scale_logits(with_target_logits(cosine, labels, target), emb)
-            losses = softmax_losses(logits, labels, weights)
+            losses = margin_softmax_losses(
+                self.get_cosine(emb),
+                labels,
+                self.modify_cosine_of_target_classes,
+                lambda logits: self.scale_logits(logits, emb),
+                weights,
+            )
             loss_dict: LossDict = {
                 "loss": {
                     "losses": losses,
@@ -297,7 +251,7 @@ class CosFaceLoss(LargeMarginSoftmaxLoss):
         pass
 
     def modify_cosine_of_target_classes(self, cosine_of_target_classes: Tensor) -> Tensor:
-        return cosine_of_target_classes - self.margin
+        return additive_cosine_margin(cosine_of_target_classes, self.margin)
 
     def scale_logits(self, logits: Tensor, embeddings: Tensor) -> Tensor:
         return logits * self.scale

@@ -23,6 +23,8 @@ through the pairs its labels or a miner's tuple define. This package holds:
   them (:func:`separable_triplet_losses`);
 * :mod:`~deepmetric.pairwise.positive_pairs`: a formula of each positive pair over the whole
   matrix and the negatives of its rows (:func:`positive_pair_losses`);
+* :mod:`~deepmetric.pairwise.npairs`: one positive pair per label and a row rule over their own
+  matrix (:func:`npairs_losses`);
 * :mod:`~deepmetric.pairwise.listed`: the distances of a few listed pairs without the matrix
   (:func:`pair_distances`).
 
@@ -93,6 +95,11 @@ from .matrix import (
     root_bound,
     row_blocks,
 )
+from .npairs import (
+    first_pair_per_label,
+    first_pair_per_label_from_labels,
+    npairs_losses,
+)
 from .pair_losses import (
     PairLoss,
     PairRule,
@@ -152,6 +159,8 @@ __all__ = [
     "embedding_grads",
     "embedding_weight_",
     "few_pairs",
+    "first_pair_per_label",
+    "first_pair_per_label_from_labels",
     "first_order_only",
     "full_precision",
     "fused_matrix_kind",
@@ -160,6 +169,7 @@ __all__ = [
     "masked_logsumexp",
     "masks_from_indices",
     "matrix_row_losses",
+    "npairs_losses",
     "normalized_inputs",
     "pair_blocks_to_learn_from",
     "pair_chunks",
