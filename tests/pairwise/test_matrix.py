@@ -38,3 +38,30 @@ def test_root_bound_decides_a_margin_before_the_square_root(
     x = torch.cat([torch.stack(near), spread.to(dtype)]).clamp_min(0)
     x = x[torch.isfinite(x)]
     torch.testing.assert_close(torch.sqrt(x) < bound, x < threshold, rtol=0, atol=0)
+
+
+def test_matrix_to_unit_reference_against_a_loop() -> None:
+    """Each entry is the distance of one query row to one unit column, computed pair by pair;
+    the inner-product shortcut and the general call agree with it."""
+    from deepmetric.distances import CosineSimilarity, DotProductSimilarity, LpDistance
+
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
+    columns = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    unit = columns / columns.norm(dim=0, keepdim=True)
+    cases = {
+        "cosine": (CosineSimilarity(), lambda q, r: q @ r / q.norm()),
+        "dot, raw": (DotProductSimilarity(normalize_embeddings=False), lambda q, r: q @ r),
+        "euclidean": (LpDistance(), lambda q, r: (q / q.norm() - r).norm()),
+        "l1, raw": (
+            LpDistance(p=1, normalize_embeddings=False),
+            lambda q, r: (q - r).abs().sum(),
+        ),
+    }
+    for name, (distance, pair) in cases.items():
+        expected = torch.tensor(
+            [[float(pair(q, unit[:, c])) for c in range(unit.shape[1])] for q in query],
+            dtype=torch.float64,
+        )
+        got = pairwise.matrix_to_unit_reference(distance, query, unit)
+        torch.testing.assert_close(got, expected, msg=name)

@@ -36,7 +36,7 @@ from ..functional import (
     normalized_softmax_logits,
     normalized_softmax_losses,
 )
-from ..pairwise import MatrixKind, fused_matrix_kind
+from ..pairwise import matrix_to_unit_reference
 from ..reducers import LossDict
 from .base import Batch
 from .proxy import (
@@ -101,12 +101,7 @@ class NormalizedSoftmaxLoss(ClassWeightLoss):
         """``(B, C)`` similarities (or distances) of embeddings already validated (with the
         batch, or by :meth:`get_logits`) to the L2-normalised class weights."""
         normalized_w = self.distance.normalize(self.W.to(emb.dtype), dim=0)
-        if fused_matrix_kind(self.distance) is MatrixKind.INNER_PRODUCT:
-            # a plain inner product: one product, without normalising the unit W a second time
-            sims = self.distance.maybe_normalize(emb) @ normalized_w
-        else:
-            sims = self.distance(emb, normalized_w.t())
-        return sims.to(emb.dtype)
+        return matrix_to_unit_reference(self.distance, emb, normalized_w).to(emb.dtype)
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """``(B, embedding_size)`` -> ``(B, num_classes)`` logits, as PML's ``get_logits``."""

@@ -97,6 +97,18 @@ def as_compared(distance: BaseDistance, embeddings: Tensor) -> Tensor:
         return distance.maybe_normalize(_to_float32(embeddings))
 
 
+def matrix_to_unit_reference(distance: BaseDistance, query: Tensor, unit_ref: Tensor) -> Tensor:
+    """The ``(B, C)`` matrix of ``distance`` from ``(B, D)`` queries to the ``(D, C)`` columns
+    ``unit_ref``, already of unit norm (a classifier's normalised class weights).
+
+    For a plain inner product it is one product, without normalising the columns a second
+    time; any other distance computes its own matrix.
+    """
+    if fused_matrix_kind(distance) is MatrixKind.INNER_PRODUCT:
+        return distance.maybe_normalize(query) @ unit_ref
+    return distance(query, unit_ref.t())
+
+
 def normalized_inputs(distance: BaseDistance, batch: Batch) -> tuple[Tensor, Tensor]:
     """The embeddings and reference embeddings of ``batch`` as ``distance`` compares them (see
     :func:`as_compared`). With no separate reference set the two are the same tensor."""
