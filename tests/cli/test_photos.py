@@ -18,6 +18,7 @@ import torch
 from deepmetric.cli import main
 from deepmetric.data.synthetic import make_faces, make_products
 from deepmetric.experiment import one_shot_identification
+from tests.tiny_hf import save_tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -165,17 +166,8 @@ def test_bad_inputs_are_refused_before_anything_is_written(
 def test_a_hugging_face_trunk_from_a_local_folder_trains_and_reloads(
     tmp_path: Path, faces: Path
 ) -> None:
-    transformers = pytest.importorskip("transformers")
     folder = tmp_path / "tiny-vit"
-    config = transformers.ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        image_size=32,
-        patch_size=8,
-    )
-    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    save_tiny_vit(folder, pooler=False)
     out = tmp_path / "vit-run"
     args = _train_args(faces, out, "--trunk", f"hf:{folder}", "--backbone-lr", "1e-4")
     assert main(args) == 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.models.model_cases import _SAVED
+from tests.tiny_hf import TINY_VIT
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face transformers vision models from a local folder
@@ -15,14 +16,7 @@ from tests.models.model_cases import _SAVED
 
 def _tiny_hf_models() -> dict[str, object]:
     transformers = pytest.importorskip("transformers")
-    vit = dict(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=37,
-        image_size=32,
-        patch_size=8,
-    )
+    vit = TINY_VIT
     return {
         "dinov2": transformers.Dinov2Model(transformers.Dinov2Config(**vit)),
         "vit": transformers.ViTModel(transformers.ViTConfig(**vit)),

@@ -13,6 +13,7 @@ from deepmetric.models import (
     build_backbone,
 )
 from tests.models.model_cases import _SAVED
+from tests.tiny_hf import save_tiny_vit
 
 
 def _raw_pooled(kind: str, folder: Path, x: torch.Tensor) -> torch.Tensor:
@@ -71,16 +72,7 @@ def test_hf_input_spec_from_the_image_processor(hf_folders: dict[str, Path]) -> 
 
 def test_hf_vit_without_pooler_weights_uses_the_cls_token(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=37,
-        image_size=32,
-        patch_size=8,
-    )
-    # How DINO ViT checkpoints are saved: no pooler.
-    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path)
+    save_tiny_vit(tmp_path, pooler=False)  # how DINO ViT checkpoints are saved
     backbone = build_backbone(f"hf:{tmp_path}")
     reference = transformers.ViTModel.from_pretrained(tmp_path, add_pooling_layer=False).eval()
     x = torch.randn(2, 3, 48, 48)  # another side: position embeddings are interpolated
