@@ -81,6 +81,22 @@ def generalized_lifted_reference(
     return F.relu(pos + neg)
 
 
+def supervised_contrastive_reference(
+    mat: Tensor,
+    pos_mask: Tensor,
+    neg_mask: Tensor,
+    temperature: float,
+    distance: distances.BaseDistance,
+) -> Tensor:
+    """Khosla et al., 2020: the mean over a row's positives of ``-log softmax`` over its
+    positives and negatives; 0 for a row with no positive."""
+    logits = (mat if distance.is_inverted else -mat) / temperature
+    log_prob = logits - _logsumexp(logits, pos_mask | neg_mask).unsqueeze(1)
+    n_pos = pos_mask.sum(dim=1)
+    mean = torch.where(pos_mask, log_prob, 0.0).sum(dim=1) / n_pos.clamp_min(1)
+    return torch.where(n_pos > 0, -mean, 0.0)
+
+
 def ranked_list_reference(
     mat: Tensor,
     pos_mask: Tensor,
@@ -123,6 +139,11 @@ def _cases() -> dict[str, tuple[Reference, Rule, distances.BaseDistance]]:
         cases[f"multi-similarity-{name}"] = (
             lambda m, p, n, d=d: multi_similarity_reference(m, p, n, 2, 10, 0.5, d),
             lambda b, d=d: functional.multi_similarity_rows(b, 2, 10, 0.5, d),
+            d,
+        )
+        cases[f"supervised-contrastive-{name}"] = (
+            lambda m, p, n, d=d: supervised_contrastive_reference(m, p, n, 0.3, d),
+            lambda b, d=d: functional.supervised_contrastive_rows(b, 0.3, d),
             d,
         )
         cases[f"generalized-lifted-{name}"] = (
@@ -198,6 +219,11 @@ def _with_distance(name: str, distance: distances.BaseDistance) -> tuple[Referen
         return (
             lambda m, p, n: multi_similarity_reference(m, p, n, 2, 10, 0.5, distance),
             lambda b: functional.multi_similarity_rows(b, 2, 10, 0.5, distance),
+        )
+    if name.startswith("supervised-contrastive"):
+        return (
+            lambda m, p, n: supervised_contrastive_reference(m, p, n, 0.3, distance),
+            lambda b: functional.supervised_contrastive_rows(b, 0.3, distance),
         )
     if name.startswith("generalized-lifted"):
         return (

@@ -67,6 +67,7 @@ __all__ = [
     "proxy_anchor_losses",
     "proxy_nca_losses",
     "ranked_list_rows",
+    "supervised_contrastive_rows",
     "weighted_cross_entropy",
 ]
 
@@ -149,6 +150,43 @@ def multi_similarity_rows(
     pos_lse, pos_weight = sparse_softmax(pos_exponent, rows, len(mat), with_one=True)
     grad[rows, cols] = -sign * pos_weight  # positives are not negatives: these entries were 0
     return pos_lse / alpha + neg_lse / beta, grad
+
+
+def supervised_contrastive_rows(
+    block: RowBlock, temperature: float, distance: BaseDistance
+) -> tuple[Tensor, Tensor]:
+    """Supervised contrastive loss of each query row (Khosla, Teterwak, Wang, Sarna, Tian,
+    Isola, Maschinot, Liu & Krishnan, 2020): the mean over its positives of the cross-entropy of
+    picking that positive among the row's positives and negatives::
+
+        loss_i = log Σ_{j ∈ P_i ∪ N_i} exp(z_ij) - 1/|P_i| Σ_{p ∈ P_i} z_ip,   z = s / τ
+
+    with ``s`` the similarities (``-d`` for a distance); 0 for a row with no positive. Gradient
+    with respect to ``z``: the softmax ``w`` of the row over ``P_i ∪ N_i`` less ``1/|P_i|`` at
+    each positive (0 in a row with no positive).
+
+    Args:
+        block: rows of the matrix (``block.mat`` ``(c, R)``) and their pairs.
+        temperature: ``τ``.
+        distance: the distance that produced the matrix (its direction).
+
+    Returns:
+        ``(c,)`` losses and their ``(c, R)`` gradient with respect to ``block.mat``.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    scale = (1.0 if distance.is_inverted else -1.0) / temperature  # d z / d mat
+    logits = mat * scale
+    pos_logits = logits[rows, cols]
+    # the softmax runs over the negatives and the positives: every other entry is left out
+    block.fill_non_negatives_(logits, -math.inf)[rows, cols] = pos_logits
+    lse, grad = row_softmax_(logits, with_one=False)
+    n_pos = torch.bincount(rows, minlength=len(mat)).to(mat.dtype)
+    has_pos = n_pos > 0
+    pos_mean = torch.zeros_like(n_pos).index_add_(0, rows, pos_logits) / n_pos.clamp_min(1)
+    losses = torch.where(has_pos, lse - pos_mean, 0.0)
+    grad[rows, cols] -= 1 / n_pos[rows]
+    grad.mul_((has_pos.to(mat.dtype) * scale).unsqueeze(1))  # (a bool times a float is float32)
+    return losses, grad
 
 
 def generalized_lifted_structure_rows(

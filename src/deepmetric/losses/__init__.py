@@ -20,6 +20,7 @@ from .softmax_margin import (
     SphereFaceLoss,
     SubCenterArcFaceLoss,
 )
+from .supervised_contrastive import SupConLoss
 from .triplet import TripletMarginLoss
 from .tuplet_npairs import TupletNPairsLoss
 
@@ -43,6 +44,7 @@ __all__ = [
     "MultiSimilarityLoss",
     "NPairsLoss",
     "NTXentLoss",
+    "SupConLoss",
     "TripletMarginLoss",
     "TupletNPairsLoss",
 ]
