@@ -5,6 +5,8 @@
   case (out of memory, a hang) is recorded instead of taking the whole run down;
 * :class:`MemoryProbe` and :func:`cap_memory` are used inside such a worker: the peak memory of a
   block of code over what was in use when it started, and a hard cap on what it may take;
+* :func:`competing_load` runs another CPU-bound process beside a measurement, as another
+  training or inference job would on a user's machine;
 * :func:`machine_info`, :func:`format_table` and :func:`write_json` describe and report a run.
 """
 
@@ -19,7 +21,9 @@ import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +147,33 @@ def run_worker(
         return {"status": f"failed: killed by {name}{hint}"}
     last_error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"status": f"failed: exit code {proc.returncode}: {last_error[:200]}"}
+
+
+# The competing load: float32 matrix products in a loop, until killed.
+_LOAD_LOOP = (
+    "import sys, torch\n"
+    "torch.set_num_threads(int(sys.argv[1]))\n"
+    "a = torch.randn(1024, 1024)\n"
+    "while True:\n"
+    "    torch.mm(a, a)\n"
+)
+
+
+@contextmanager
+def competing_load(threads: int | None) -> Iterator[None]:
+    """Run a process of float32 matrix products on ``threads`` threads while the block runs
+    (nothing for ``None``)."""
+    if threads is None:
+        yield
+        return
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    proc = subprocess.Popen([sys.executable, "-c", _LOAD_LOOP, str(threads)], env=env)
+    time.sleep(1.0)  # let it reach its loop
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def emit_result(result: dict[str, Any]) -> None:

@@ -58,11 +58,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     MEMORY_ENV,
     MemoryProbe,
+    competing_load,
     describe_failure,
     emit_result,
     fmt,
@@ -137,31 +135,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_mb": probe.peak_mb(),
         "values": {name: float(v) for name, v in result.items()},
     }
-
-
-def load_loop(threads: int) -> None:
-    """The competing load: float32 matrix products on ``threads`` threads, until killed."""
-    torch.set_num_threads(threads)
-    a = torch.randn(1024, 1024)
-    while True:
-        torch.mm(a, a)
-
-
-@contextmanager
-def competing_load(threads: int | None) -> Iterator[None]:
-    """Run :func:`load_loop` in another process while the block runs (nothing for ``None``)."""
-    if threads is None:
-        yield
-        return
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    command = [sys.executable, __file__, "--load-worker", str(threads)]
-    proc = subprocess.Popen(command, env=env)
-    time.sleep(1.0)  # let it reach its loop
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def wait_policy_env(policy: str) -> dict[str, str]:
@@ -296,7 +269,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--memory-queries", type=int, default=10_000)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--load-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sizes is None:
         args.sizes = [5_000] if args.quick else [5_000, 20_000, 50_000]
@@ -312,9 +284,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         emit_result(worker(json.loads(args.worker)))
-        return
-    if args.load_worker:
-        load_loop(args.load_worker)
         return
     with competing_load(args.load_threads if args.load else None):
         rows = [row for n in args.sizes for row in run_size(args, n)]

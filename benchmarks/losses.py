@@ -38,6 +38,7 @@ Run from the repository root::
     python benchmarks/losses.py                  # the full grid: B = 128..2048, K = 4 and 8
     python benchmarks/losses.py --max-batch
     python benchmarks/losses.py --device cuda --autocast bf16
+    python benchmarks/losses.py --sizes 512,1024 --per-class 4 --load 2   # beside another job
 
 ``--losses`` takes case names (``TripletMarginLoss+BatchHardMiner``) or loss names; a loss name
 selects the loss and its miner pairs. Results go to ``benchmarks/results/losses.json``
@@ -68,6 +69,7 @@ from _common import (
     TIMING_ENV,
     MemoryProbe,
     cap_memory,
+    competing_load,
     describe_failure,
     emit_result,
     fmt,
@@ -736,6 +738,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--autocast", choices=("none", "fp16", "bf16"), default="none")
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=None,
+        metavar="THREADS",
+        help="run a competing process of matrix products on THREADS threads throughout",
+    )
     parser.add_argument("--out", help="JSON output path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -780,10 +789,12 @@ def main(argv: list[str] | None = None) -> None:
             key: getattr(args, key)
             for key in ("sizes", "per_class", "repeats", "time_budget", "mem_cap_gb", "timeout")
         }
-        | {"autocast": args.autocast, "dim": DIM, "seed": SEED, "mode": run.__name__},
+        | {"autocast": args.autocast, "dim": DIM, "seed": SEED, "mode": run.__name__}
+        | {"competing_load_threads": args.load},
         "cases": [asdict(case) | {"name": case.name} for case in cases],
     }
-    payload |= run(args, cases)
+    with competing_load(args.load):
+        payload |= run(args, cases)
     write_json(args.out, payload)
     print(f"\nwritten: {args.out}")
 
