@@ -23,6 +23,7 @@ from .softmax_margin import (
 from .supervised_contrastive import SupConLoss
 from .triplet import TripletMarginLoss
 from .tuplet_npairs import TupletNPairsLoss
+from .wrappers import MultipleLosses, SelfSupervisedLoss
 
 __all__ = [
     "ArcFaceLoss",
@@ -42,8 +43,10 @@ __all__ = [
     "LiftedStructureLoss",
     "MarginLoss",
     "MultiSimilarityLoss",
+    "MultipleLosses",
     "NPairsLoss",
     "NTXentLoss",
+    "SelfSupervisedLoss",
     "SupConLoss",
     "TripletMarginLoss",
     "TupletNPairsLoss",
