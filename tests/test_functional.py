@@ -97,6 +97,21 @@ def supervised_contrastive_reference(
     return torch.where(n_pos > 0, -mean, 0.0)
 
 
+def nca_reference(
+    mat: Tensor,
+    pos_mask: Tensor,
+    neg_mask: Tensor,
+    scale: float,
+    distance: distances.BaseDistance,
+) -> Tensor:
+    """Goldberger et al., 2005: ``-log`` of the softmax mass of a row's positives among its
+    positives and negatives (0 for a row with no positive)."""
+    logits = scale * (mat if distance.is_inverted else -mat)
+    has_pos = pos_mask.any(dim=1)
+    pos = torch.where(has_pos, _logsumexp(logits, pos_mask), 0.0)
+    return torch.where(has_pos, _logsumexp(logits, pos_mask | neg_mask) - pos, 0.0)
+
+
 def ranked_list_reference(
     mat: Tensor,
     pos_mask: Tensor,
@@ -139,6 +154,11 @@ def _cases() -> dict[str, tuple[Reference, Rule, distances.BaseDistance]]:
         cases[f"multi-similarity-{name}"] = (
             lambda m, p, n, d=d: multi_similarity_reference(m, p, n, 2, 10, 0.5, d),
             lambda b, d=d: functional.multi_similarity_rows(b, 2, 10, 0.5, d),
+            d,
+        )
+        cases[f"nca-{name}"] = (
+            lambda m, p, n, d=d: nca_reference(m, p, n, 2.5, d),
+            lambda b, d=d: functional.nca_rows(b, 2.5, d),
             d,
         )
         cases[f"supervised-contrastive-{name}"] = (
@@ -219,6 +239,11 @@ def _with_distance(name: str, distance: distances.BaseDistance) -> tuple[Referen
         return (
             lambda m, p, n: multi_similarity_reference(m, p, n, 2, 10, 0.5, distance),
             lambda b: functional.multi_similarity_rows(b, 2, 10, 0.5, distance),
+        )
+    if name.startswith("nca"):
+        return (
+            lambda m, p, n: nca_reference(m, p, n, 2.5, distance),
+            lambda b: functional.nca_rows(b, 2.5, distance),
         )
     if name.startswith("supervised-contrastive"):
         return (

@@ -60,6 +60,7 @@ __all__ = [
     "triplet_margin",
     "generalized_lifted_structure_rows",
     "multi_similarity_rows",
+    "nca_rows",
     "npairs_rows",
     "normalized_softmax_logits",
     "normalized_softmax_losses",
@@ -475,6 +476,40 @@ def npairs_rows(block: RowBlock, distance: BaseDistance) -> tuple[Tensor, Tensor
     grad = log_softmax.exp_()  # (in the log-softmax's memory)
     grad.scatter_add_(1, positive, grad.new_full(positive.shape, -1.0))
     return losses, grad if distance.is_inverted else grad.neg_()
+
+
+def nca_rows(block: RowBlock, scale: float, distance: BaseDistance) -> tuple[Tensor, Tensor]:
+    """Neighbourhood components analysis loss of each query row (Goldberger, Roweis, Hinton &
+    Salakhutdinov, 2005): minus the log-probability that a softmax over the row picks a sample
+    of the query's own label::
+
+        loss_i = log Σ_{j ∈ P_i ∪ N_i} exp(z_ij) - log Σ_{p ∈ P_i} exp(z_ip),   z = scale · s
+
+    with ``s`` the similarities (``-d`` for a distance; PML's default is the squared Euclidean
+    distance) and ``P_i``, ``N_i`` the row's same-label and other-label entries (the query
+    itself and its own copy are in neither); 0 for a row with no positive. Gradient with
+    respect to ``z``: the softmax of the row over ``P_i ∪ N_i`` less the softmax over ``P_i``
+    at the positives (0 in a row with no positive).
+
+    Args:
+        block: rows of the matrix (``block.mat`` ``(c, R)``) and their pairs.
+        scale: the softmax scale.
+        distance: the distance that produced the matrix (its direction).
+
+    Returns:
+        ``(c,)`` losses and their ``(c, R)`` gradient with respect to ``block.mat``.
+    """
+    mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
+    dz_dmat = scale if distance.is_inverted else -scale
+    logits = mat * dz_dmat
+    pos_logits = logits[rows, cols]
+    block.fill_non_negatives_(logits, -math.inf)[rows, cols] = pos_logits
+    all_lse, grad = row_softmax_(logits, with_one=False)
+    pos_lse, pos_weight = sparse_softmax(pos_logits, rows, len(mat), with_one=False)
+    grad[rows, cols] -= pos_weight
+    has_pos = torch.isfinite(pos_lse)
+    losses = torch.where(has_pos, all_lse - pos_lse, 0.0)
+    return losses, grad.mul_((has_pos.to(mat.dtype) * dz_dmat).unsqueeze(1))
 
 
 # -- classification formulas: one vector per class (classifier weights or proxies) ---------------

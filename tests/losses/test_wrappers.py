@@ -21,7 +21,7 @@ def _views(n: int = 12, dim: int = 8, seed: int = 0) -> tuple[Tensor, Tensor]:
     return first, first + 0.3 * torch.randn(n, dim, generator=g, dtype=torch.float64)
 
 
-SELF_SUPERVISED = ["ContrastiveLoss", "NTXentLoss", "SupConLoss", "TripletMarginLoss"]
+SELF_SUPERVISED = ["ContrastiveLoss", "NCALoss", "NTXentLoss", "SupConLoss", "TripletMarginLoss"]
 
 
 @pytest.mark.parametrize("name", SELF_SUPERVISED)

@@ -8,6 +8,7 @@ from .cross_batch_memory import CrossBatchMemory
 from .lifted import GeneralizedLiftedStructureLoss, LiftedStructureLoss
 from .margin import MarginLoss
 from .multi_similarity import MultiSimilarityLoss
+from .nca import NCALoss
 from .npairs import NPairsLoss
 from .ntxent import NTXentLoss
 from .proxy import ProxyAnchorLoss, ProxyNCALoss
@@ -44,6 +45,7 @@ __all__ = [
     "MarginLoss",
     "MultiSimilarityLoss",
     "MultipleLosses",
+    "NCALoss",
     "NPairsLoss",
     "NTXentLoss",
     "SelfSupervisedLoss",

@@ -13,13 +13,14 @@ from .._checks import check_embeddings
 from ..interfaces import IndicesTuple, Miner
 
 # PML's list, less the losses deepmetric does not have yet (AngularLoss, IntraPairVarianceLoss,
-# SignalToNoiseRatioContrastiveLoss, NCALoss, TupletMarginLoss).
+# SignalToNoiseRatioContrastiveLoss, TupletMarginLoss).
 _SELF_SUPERVISED_LOSSES = (
     "CircleLoss",
     "ContrastiveLoss",
     "GeneralizedLiftedStructureLoss",
     "LiftedStructureLoss",
     "MultiSimilarityLoss",
+    "NCALoss",
     "NTXentLoss",
     "SupConLoss",
     "TripletMarginLoss",
