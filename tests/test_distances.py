@@ -194,3 +194,46 @@ def test_l2_normalize_matches_f_normalize_with_first_and_second_derivatives(dim:
     smooth = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: l2_normalize(t, dim), (smooth,))
     assert torch.autograd.gradgradcheck(lambda t: l2_normalize(t, dim), (smooth,))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_snr_distance_matches_a_loop_of_variances_and_pml(normalize: bool, power: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    ref = torch.randn(5, 6, generator=g, dtype=torch.float64) * 2 + 0.5
+    ours = distances.SNRDistance(normalize_embeddings=normalize, power=power)
+    theirs = pml_distances.SNRDistance(normalize_embeddings=normalize, power=power)
+    q = torch.nn.functional.normalize(query, dim=1) if normalize else query
+    r = torch.nn.functional.normalize(ref, dim=1) if normalize else ref
+    loop = torch.tensor(
+        [
+            [float(torch.var(r[j] - q[i]) / torch.var(q[i])) ** power for j in range(5)]
+            for i in range(7)
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(ours(query, ref), loop, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours(query, ref), theirs(query, ref), rtol=1e-10, atol=1e-12)
+    # (PML's pairwise_distance neither normalises nor raises to the power; deepmetric's does both)
+    torch.testing.assert_close(
+        ours.pairwise_distance(query[:5], ref), theirs.pairwise_distance(q[:5], r) ** power
+    )
+    # gradients of the matrix, against PML's (which forms every difference)
+    grads = []
+    for distance in (ours, theirs):
+        x = query.clone().requires_grad_(True)
+        y = ref.clone().requires_grad_(True)
+        (distance(x, y) * torch.arange(35.0, dtype=torch.float64).view(7, 5)).sum().backward()
+        grads.append((x.grad, y.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_snr_distance_is_not_symmetric_and_zero_on_the_diagonal() -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    mat = distances.SNRDistance()(x)
+    assert not torch.allclose(mat, mat.t())
+    torch.testing.assert_close(
+        mat.diagonal(), torch.zeros(6, dtype=torch.float64), atol=1e-14, rtol=0
+    )

@@ -268,3 +268,29 @@ class CosineSimilarity(DotProductSimilarity):
                 "use DotProductSimilarity(normalize_embeddings=False) for raw inner products"
             )
         super().__init__(normalize_embeddings=True, power=power)
+
+
+class SNRDistance(BaseDistance):
+    """Signal-to-noise ratio distance: ``var(r - q) / var(q)``, the variance of the difference
+    (the noise) over the variance of the query (the signal).
+
+    Yuan, Chen, Zhang & Tian, "Signal-To-Noise Ratio: A Robust Distance Metric for Deep Metric
+    Learning", CVPR 2019. Defaults as in PML (embeddings L2-normalised first; ``power=1``). Not
+    symmetric: ``d(q, r) != d(r, q)``. With ``qc``, ``rc`` the rows less their means, the ratio is
+    ``|qc - rc|² / |qc|²``, so the matrix is one matrix product (PML forms every ``(Nq, Nr, D)``
+    difference).
+    """
+
+    def __init__(self, normalize_embeddings: bool = True, p: float = 2, power: float = 1) -> None:
+        super().__init__(normalize_embeddings=normalize_embeddings, p=p, power=power)
+
+    def compute_mat(self, query: Tensor, ref: Tensor) -> Tensor:
+        query_c = query - query.mean(dim=1, keepdim=True)
+        ref_c = ref - ref.mean(dim=1, keepdim=True)
+        signal = (query_c * query_c).sum(dim=1, keepdim=True)
+        return _squared_euclidean(query_c, ref_c) / signal
+
+    def compute_pairwise(self, query: Tensor, ref: Tensor) -> Tensor:
+        query_c = query - query.mean(dim=1, keepdim=True)
+        noise = query_c - (ref - ref.mean(dim=1, keepdim=True))
+        return (noise * noise).sum(dim=1) / (query_c * query_c).sum(dim=1)

@@ -3,7 +3,7 @@
 
 from .base import BaseMetricLossFunction
 from .circle import CircleLoss
-from .contrastive import ContrastiveLoss
+from .contrastive import ContrastiveLoss, SignalToNoiseRatioContrastiveLoss
 from .cross_batch_memory import CrossBatchMemory
 from .lifted import GeneralizedLiftedStructureLoss, LiftedStructureLoss
 from .margin import MarginLoss
@@ -49,6 +49,7 @@ __all__ = [
     "NPairsLoss",
     "NTXentLoss",
     "SelfSupervisedLoss",
+    "SignalToNoiseRatioContrastiveLoss",
     "SupConLoss",
     "TripletMarginLoss",
     "TupletNPairsLoss",

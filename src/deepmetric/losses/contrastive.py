@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 from typing_extensions import Unpack
 
+from ..distances import BaseDistance, SNRDistance
 from ..functional import contrastive_pairs
 from ..pairwise import PairLoss, pair_losses
 from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict
@@ -52,3 +53,31 @@ class ContrastiveLoss(BaseMetricLossFunction):
 
     def _negative_rule(self, dists: Tensor) -> tuple[Tensor, Tensor]:
         return contrastive_pairs(dists, self.neg_margin, False, self.distance)
+
+
+class SignalToNoiseRatioContrastiveLoss(ContrastiveLoss):
+    """The contrastive loss over the signal-to-noise ratio distance.
+
+    Yuan, Chen, Zhang & Tian, "Signal-To-Noise Ratio: A Robust Distance Metric for Deep Metric
+    Learning", CVPR 2019. As PML's: :class:`ContrastiveLoss` with its arguments and defaults
+    (``pos_margin=0, neg_margin=1``, ``AvgNonZeroReducer``) and an
+    :class:`~deepmetric.distances.SNRDistance`, the only distance it takes.
+
+    Shapes: embeddings ``(B, D)``, labels ``(B,)`` -> scalar.
+    """
+
+    def __init__(
+        self,
+        pos_margin: float = 0,
+        neg_margin: float = 1,
+        **options: Unpack[LossOptions],
+    ) -> None:
+        super().__init__(pos_margin=pos_margin, neg_margin=neg_margin, **options)
+        if not isinstance(self.distance, SNRDistance):
+            raise ValueError(
+                "SignalToNoiseRatioContrastiveLoss needs an SNRDistance, got "
+                f"{type(self.distance).__name__}"
+            )
+
+    def get_default_distance(self) -> BaseDistance:
+        return SNRDistance()

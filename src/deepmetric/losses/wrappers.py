@@ -13,7 +13,7 @@ from .._checks import check_embeddings
 from ..interfaces import IndicesTuple, Miner
 
 # PML's list, less the losses deepmetric does not have yet (AngularLoss, IntraPairVarianceLoss,
-# SignalToNoiseRatioContrastiveLoss, TupletMarginLoss).
+# TupletMarginLoss).
 _SELF_SUPERVISED_LOSSES = (
     "CircleLoss",
     "ContrastiveLoss",
@@ -22,6 +22,7 @@ _SELF_SUPERVISED_LOSSES = (
     "MultiSimilarityLoss",
     "NCALoss",
     "NTXentLoss",
+    "SignalToNoiseRatioContrastiveLoss",
     "SupConLoss",
     "TripletMarginLoss",
 )
