@@ -58,6 +58,7 @@ __all__ = [
     "margin_softmax_losses",
     "margin_halves",
     "triplet_margin",
+    "tuplet_margin_pairs",
     "generalized_lifted_structure_rows",
     "multi_similarity_rows",
     "nca_rows",
@@ -448,6 +449,40 @@ def ntxent_pairs(
     log_denominator = torch.logaddexp(pos_logits, neg_lse[anchors])
     tiny = torch.finfo(mat.dtype).tiny
     return -torch.log(torch.exp(pos_logits - log_denominator) + tiny)
+
+
+def tuplet_margin_pairs(
+    mat: Tensor,
+    anchors: Tensor,
+    positives: Tensor,
+    neg_weight: Tensor,
+    margin: float,
+    scale: float,
+) -> Tensor:
+    """Tuplet margin loss of each positive pair (Yu & Tao, 2019), on a cosine matrix::
+
+        loss = log(1 + Σ_{n negative of i} exp(s · (cos θ_in - cos(θ_ij - m))))
+
+    for the positive pair ``(i, j)``, with ``θ`` the angles, ``m`` the margin in radians and
+    ``s`` the scale; 0 when ``i`` has no negative pair. The log-sum-exp over each row's
+    negatives is computed once per row (PML forms a positive-by-negative matrix). The cosines
+    are clamped to ``[-1, 1]`` before ``acos``, whose derivative is infinite beyond.
+    Differentiated by autograd.
+
+    Args:
+        mat: ``(B, R)`` cosine similarities.
+        anchors, positives: ``(P,)`` indices of the positive pairs into its rows and columns.
+        neg_weight: ``(B, R)`` boolean mask or count of the negative pairs.
+        margin: ``m``, radians.
+        scale: ``s``.
+
+    Returns:
+        ``(P,)`` losses.
+    """
+    neg_lse, _ = masked_logsumexp(scale * mat, neg_weight, dim=1, empty_value=-math.inf)
+    pos_angle = torch.acos(mat[anchors, positives].clamp(-1.0, 1.0))
+    exponent = neg_lse[anchors] - scale * torch.cos(pos_angle - margin)
+    return torch.logaddexp(torch.zeros_like(exponent), exponent)
 
 
 def npairs_rows(block: RowBlock, distance: BaseDistance) -> tuple[Tensor, Tensor]:

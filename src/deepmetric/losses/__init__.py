@@ -23,6 +23,7 @@ from .softmax_margin import (
 )
 from .supervised_contrastive import SupConLoss
 from .triplet import TripletMarginLoss
+from .tuplet_margin import TupletMarginLoss
 from .tuplet_npairs import TupletNPairsLoss
 from .wrappers import MultipleLosses, SelfSupervisedLoss
 
@@ -52,5 +53,6 @@ __all__ = [
     "SignalToNoiseRatioContrastiveLoss",
     "SupConLoss",
     "TripletMarginLoss",
+    "TupletMarginLoss",
     "TupletNPairsLoss",
 ]

@@ -12,8 +12,7 @@ from torch import Tensor, nn
 from .._checks import check_embeddings
 from ..interfaces import IndicesTuple, Miner
 
-# PML's list, less the losses deepmetric does not have yet (AngularLoss, IntraPairVarianceLoss,
-# TupletMarginLoss).
+# PML's list, less the losses deepmetric does not have yet (AngularLoss, IntraPairVarianceLoss).
 _SELF_SUPERVISED_LOSSES = (
     "CircleLoss",
     "ContrastiveLoss",
@@ -25,6 +24,7 @@ _SELF_SUPERVISED_LOSSES = (
     "SignalToNoiseRatioContrastiveLoss",
     "SupConLoss",
     "TripletMarginLoss",
+    "TupletMarginLoss",
 )
 
 
