@@ -157,20 +157,24 @@ def test_parity_with_miner_tuple(name: str, tuple_size: int) -> None:
     _assert_parity(ours, theirs, emb, labels, indices)
 
 
+WEIGHT_REGULARIZERS = ["LpRegularizer", "RegularFaceRegularizer", "CenterInvariantRegularizer"]
+
+
+@pytest.mark.parametrize("regularizer", WEIGHT_REGULARIZERS)
 @pytest.mark.parametrize("name", NAMES)
-def test_parity_with_weight_regularizer(name: str) -> None:
+def test_parity_with_weight_regularizer(name: str, regularizer: str) -> None:
     kwargs = {"weight_reg_weight": 0.3}
     torch.manual_seed(0)
     theirs = getattr(pml_losses, name)(
         num_classes=N_CLASSES,
         embedding_size=DIM,
-        weight_regularizer=pml_regularizers.LpRegularizer(),
+        weight_regularizer=getattr(pml_regularizers, regularizer)(),
         **kwargs,
     )
     ours = getattr(MODULES[name], name)(
         num_classes=N_CLASSES,
         embedding_size=DIM,
-        weight_regularizer=regularizers.LpRegularizer(),
+        weight_regularizer=getattr(regularizers, regularizer)(),
         **kwargs,
     )
     ours.load_state_dict(theirs.state_dict(), strict=True)
