@@ -69,6 +69,8 @@ __all__ = [
     "proxy_anchor_losses",
     "proxy_nca_losses",
     "ranked_list_rows",
+    "soft_triple_class_similarities",
+    "soft_triple_losses",
     "supervised_contrastive_rows",
     "weighted_cross_entropy",
 ]
@@ -680,6 +682,35 @@ def additive_angular_margin(cos_target: Tensor, margin: float) -> Tensor:
     cos_plus_margin = cosine * math.cos(margin) - _safe_sin_from_cos(cosine) * math.sin(margin)
     fallback = cosine - margin * math.sin(margin)
     return torch.where(use_arc, cos_plus_margin, fallback)
+
+
+def soft_triple_class_similarities(sims: Tensor, centers_per_class: int, gamma: float) -> Tensor:
+    """SoftTriple's similarity to each class (Qian, Shang, Sun, Hu, Li & Jin, 2019): the
+    softmax-weighted mean of the similarities to the class's ``K`` centres::
+
+        S_ic = Σ_k softmax_k(s_ick / γ) · s_ick
+
+    ``(B, C·K)`` similarities to the centres, class ``c``'s in columns ``c·K .. c·K + K - 1``
+    -> ``(B, C)``.
+    """
+    per_centre = sims.view(len(sims), sims.shape[1] // centers_per_class, centers_per_class)
+    weight = torch.softmax(per_centre / gamma, dim=2)
+    return (weight * per_centre).sum(dim=2)
+
+
+def soft_triple_losses(
+    class_sims: Tensor, labels: Tensor, la: float, margin: float, weights: Tensor
+) -> Tensor:
+    """SoftTriple loss of each sample (Qian, Shang, Sun, Hu, Li & Jin, 2019)::
+
+        loss_i = w_i · cross_entropy(λ · (S_i - δ · onehot(y_i)), y_i)
+
+    with ``S`` the ``(B, C)`` class similarities (:func:`soft_triple_class_similarities`),
+    ``λ`` the scale ``la``, ``δ`` the margin and ``(B,)`` weights ``w``. Returns ``(B,)``.
+    """
+    margins = torch.zeros_like(class_sims)
+    margins[torch.arange(len(labels), device=labels.device), labels] = margin
+    return weighted_cross_entropy(la * (class_sims - margins), labels, weights)
 
 
 def proxy_nca_losses(

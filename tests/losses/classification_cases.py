@@ -10,7 +10,7 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from torch import Tensor
 
-from deepmetric.losses import proxy, softmax_margin
+from deepmetric.losses import proxy, soft_triple, softmax_margin
 
 MODULES = {
     "NormalizedSoftmaxLoss": softmax_margin,
@@ -21,6 +21,7 @@ MODULES = {
     "SubCenterArcFaceLoss": softmax_margin,
     "ProxyNCALoss": proxy,
     "ProxyAnchorLoss": proxy,
+    "SoftTripleLoss": soft_triple,
 }
 
 

@@ -33,6 +33,7 @@ NAMES = list(MODULES)
 
 
 WEIGHT_NAME = {name: "proxies" if name.startswith("Proxy") else "W" for name in NAMES}
+WEIGHT_NAME["SoftTripleLoss"] = "fc"
 
 
 # one non-default set per loss; "_distance" is a (deepmetric, PML) pair of distance factories
@@ -52,6 +53,7 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
         "alpha": 16,
         "_distance": (lambda: distances.LpDistance(), pml_distances.LpDistance),
     },
+    "SoftTripleLoss": {"centers_per_class": 3, "la": 8, "gamma": 0.3, "margin": 0.2},
 }
 
 

@@ -13,6 +13,7 @@ from .npairs import NPairsLoss
 from .ntxent import NTXentLoss
 from .proxy import ProxyAnchorLoss, ProxyNCALoss
 from .ranked_list import RankedListLoss
+from .soft_triple import SoftTripleLoss
 from .softmax_margin import (
     ArcFaceLoss,
     CosFaceLoss,
@@ -38,6 +39,7 @@ __all__ = [
     "ProxyAnchorLoss",
     "ProxyNCALoss",
     "RankedListLoss",
+    "SoftTripleLoss",
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
     "ContrastiveLoss",
