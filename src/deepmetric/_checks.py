@@ -12,6 +12,13 @@ import torch
 from torch import Tensor
 
 
+def check_positive_int(value: object, name: str, minimum: int = 1) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int above {minimum - 1}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
 def check_embeddings(embeddings: Tensor, name: str = "embeddings", magnitude: bool = True) -> None:
     """Raise ``ValueError`` unless ``embeddings`` is a finite floating ``(N, D)`` tensor whose
     distances can be computed: squared distances and inner products of ``(N, D)`` values up

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_embeddings
+from ._checks import check_embeddings, check_positive_int
 from .distances import BaseDistance, CosineSimilarity, LpDistance, _to_float32
 from .reducers import BaseReducer, DivisorReducer, LossInfo, MeanReducer
 
@@ -167,14 +167,8 @@ class SparseCentersRegularizer(BaseRegularizer):
         distance: BaseDistance | None = None,
     ) -> None:
         super().__init__(reducer, distance)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if (
-            isinstance(centers_per_class, bool)
-            or not isinstance(centers_per_class, int)
-            or centers_per_class < 2
-        ):
-            raise ValueError(f"centers_per_class must be an int above 1, got {centers_per_class!r}")
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(centers_per_class, "centers_per_class", minimum=2)
         if not isinstance(self.distance, CosineSimilarity):
             raise ValueError(
                 "SparseCentersRegularizer needs a CosineSimilarity, got "

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from ._checks import check_embeddings
+from ._checks import check_embeddings, check_positive_int
 from .distances import BaseDistance
 from .fewshot import as_tensor, resolve_distance
 
@@ -422,8 +422,7 @@ def evaluate_labelled_set(
 
     ``ValueError`` if the set has no two samples of one class or fewer than two classes.
     """
-    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
-        raise ValueError(f"max_pairs must be a positive int, got {max_pairs!r}")
+    check_positive_int(max_pairs, "max_pairs")
     genuine_total, impostor_total = count_pairs(labels)
     if genuine_total == 0 or impostor_total == 0:
         raise ValueError(

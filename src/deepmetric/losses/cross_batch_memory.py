@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_embeddings, check_indices_tuple, check_labels
+from .._checks import check_embeddings, check_indices_tuple, check_labels, check_positive_int
 from ..interfaces import IndicesTuple, Miner
 from ..pairwise import pairs_from_masks, pairs_to_triplets, to_pairs
 from ..reducers import zero_loss
@@ -181,9 +181,8 @@ class CrossBatchMemory(nn.Module):
             )
         if miner is not None and not isinstance(miner, Miner):
             raise ValueError(f"miner must be a deepmetric miner, got {type(miner).__name__}")
-        for name, value in (("embedding_size", embedding_size), ("memory_size", memory_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(embedding_size, "embedding_size")
+        check_positive_int(memory_size, "memory_size")
         self.loss = loss
         self.miner = miner
         self.embedding_size = embedding_size

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
+from .._checks import check_positive_int
 from ..distances import BaseDistance, CosineSimilarity, LpDistance
 from ..functional import proxy_anchor_losses, proxy_nca_losses
 from ..reducers import BaseReducer, DivisorReducer, LossDict, LossInfo, scalar_entry
@@ -123,9 +124,8 @@ class ClassWeightLoss(BaseMetricLossFunction):
         **options: Unpack[LossOptions],
     ) -> None:
         super().__init__(**options)
-        for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(num_classes, "num_classes")
+        check_positive_int(embedding_size, "embedding_size")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.weight_regularizer = weight_regularizer

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from .._checks import check_embeddings
+from .._checks import check_embeddings, check_positive_int
 from ..distances import BaseDistance, CosineSimilarity
 from ..functional import soft_triple_class_similarities, soft_triple_losses
 from ..reducers import LossDict
@@ -60,12 +60,7 @@ class SoftTripleLoss(ClassWeightLoss):
             raise ValueError(
                 f"SoftTripleLoss needs a similarity, got {type(self.distance).__name__}"
             )
-        if (
-            isinstance(centers_per_class, bool)
-            or not isinstance(centers_per_class, int)
-            or centers_per_class < 1
-        ):
-            raise ValueError(f"centers_per_class must be a positive int, got {centers_per_class!r}")
+        check_positive_int(centers_per_class, "centers_per_class")
         if not gamma > 0:
             raise ValueError(f"gamma must be positive, got {gamma}")
         self.centers_per_class = centers_per_class

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._checks import check_embeddings, check_labels
+from .._checks import check_embeddings, check_labels, check_positive_int
 from ..distances import BaseDistance, CosineSimilarity, DotProductSimilarity
 from ..functional import (
     additive_angular_margin,
@@ -307,8 +307,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         sub_centers: int = 3,
         **options: Unpack[WeightLossOptions],
     ) -> None:
-        if isinstance(sub_centers, bool) or not isinstance(sub_centers, int) or sub_centers < 1:
-            raise ValueError(f"sub_centers must be a positive int, got {sub_centers!r}")
+        check_positive_int(sub_centers, "sub_centers")
         # As in PML: build ArcFace over num_classes * sub_centers columns, then record the
         # number of actual classes (which the labels index).
         super().__init__(
