@@ -38,6 +38,13 @@ class LossInfo(TypedDict):
     divisor: NotRequired[float | Tensor]
 
 
+def row_entry(losses: Tensor) -> LossInfo:
+    """The loss-dict entry of ``(B,)`` per-row losses, row ``i`` indexed ``i`` (PML's
+    ``"element"`` reduction)."""
+    rows = torch.arange(len(losses), device=losses.device)
+    return {"losses": losses, "indices": rows, "reduction_type": "element"}
+
+
 def scalar_entry(value: Tensor | float) -> LossInfo:
     """A loss-dict entry for a value that is a scalar already (PML's ``"already_reduced"``): an
     embedding or weight regularizer's penalty, a single learnt parameter's penalty, or 0 when

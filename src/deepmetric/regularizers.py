@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ._checks import check_embeddings, check_positive_int
 from .distances import BaseDistance, CosineSimilarity, LpDistance, _to_float32
-from .reducers import BaseReducer, DivisorReducer, LossInfo, MeanReducer
+from .reducers import BaseReducer, DivisorReducer, LossInfo, MeanReducer, row_entry
 
 
 class BaseRegularizer(nn.Module):
@@ -44,11 +44,6 @@ class BaseRegularizer(nn.Module):
         return result
 
 
-def _per_row(losses: Tensor) -> LossInfo:
-    rows = torch.arange(len(losses), device=losses.device)
-    return {"losses": losses, "indices": rows, "reduction_type": "element"}
-
-
 class LpRegularizer(BaseRegularizer):
     """Penalise the L``p`` norm of each vector, raised to ``power``.
 
@@ -70,7 +65,7 @@ class LpRegularizer(BaseRegularizer):
     def compute_loss(self, x: Tensor) -> LossInfo:
         # half precision in float32; float64 stays float64
         norms = torch.linalg.vector_norm(_to_float32(x), ord=self.p, dim=1)
-        return _per_row(norms if self.power == 1 else norms**self.power)
+        return row_entry(norms if self.power == 1 else norms**self.power)
 
 
 class ZeroMeanRegularizer(BaseRegularizer):
@@ -82,7 +77,7 @@ class ZeroMeanRegularizer(BaseRegularizer):
     """
 
     def compute_loss(self, x: Tensor) -> LossInfo:
-        return _per_row(x.sum(dim=1).abs())
+        return row_entry(x.sum(dim=1).abs())
 
 
 class CenterInvariantRegularizer(BaseRegularizer):
@@ -113,7 +108,7 @@ class CenterInvariantRegularizer(BaseRegularizer):
 
     def compute_loss(self, x: Tensor) -> LossInfo:
         squared_norms = self.distance.get_norm(x) ** 2
-        return _per_row((squared_norms - squared_norms.mean()) ** 2 / 4)
+        return row_entry((squared_norms - squared_norms.mean()) ** 2 / 4)
 
 
 class RegularFaceRegularizer(BaseRegularizer):
@@ -143,7 +138,7 @@ class RegularFaceRegularizer(BaseRegularizer):
         sims = self.distance(x)
         others = sims.detach().clone().fill_diagonal_(float("-inf"))
         nearest = others.argmax(dim=1, keepdim=True)
-        return _per_row(sims.gather(1, nearest).squeeze(1))
+        return row_entry(sims.gather(1, nearest).squeeze(1))
 
 
 class SparseCentersRegularizer(BaseRegularizer):
@@ -198,10 +193,6 @@ class SparseCentersRegularizer(BaseRegularizer):
         sims = self.distance(x)[first, second]
         tiny = torch.finfo(sims.dtype).tiny
         losses = torch.sqrt(2.0 + tiny - (2.0 * sims).clamp(max=2))
-        rows = torch.arange(len(losses), device=x.device)
-        return {
-            "losses": losses,
-            "indices": rows,
-            "reduction_type": "element",
-            "divisor": 2 * len(losses),
-        }
+        entry = row_entry(losses)
+        entry["divisor"] = 2 * len(losses)
+        return entry

@@ -11,20 +11,13 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-import torch
 from torch import Tensor, nn
 
 from ..distances import BaseDistance, LpDistance
 from ..pairwise import Batch, prepare_batch
-from ..reducers import BaseReducer, LossDict, LossInfo, MeanReducer, scalar_entry
+from ..reducers import BaseReducer, LossDict, MeanReducer, scalar_entry
 
-__all__ = ["BaseMetricLossFunction", "Batch", "LossOptions", "prepare_batch", "row_entry"]
-
-
-def row_entry(losses: Tensor) -> LossInfo:
-    """The loss-dict entry of ``(B,)`` per-query losses (PML's ``"element"`` reduction)."""
-    rows = torch.arange(len(losses), device=losses.device)
-    return {"losses": losses, "indices": rows, "reduction_type": "element"}
+__all__ = ["BaseMetricLossFunction", "Batch", "LossOptions", "prepare_batch"]
 
 
 class LossOptions(TypedDict, total=False):

@@ -8,8 +8,8 @@ from typing_extensions import Unpack
 from ..distances import BaseDistance, CosineSimilarity
 from ..functional import circle_rows
 from ..pairwise import RowBlock, pair_blocks_to_learn_from, row_losses
-from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict
-from .base import BaseMetricLossFunction, Batch, LossOptions, row_entry
+from ..reducers import AvgNonZeroReducer, BaseReducer, LossDict, row_entry
+from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
 class CircleLoss(BaseMetricLossFunction):

@@ -13,8 +13,8 @@ from typing_extensions import Unpack
 
 from ..functional import generalized_lifted_structure_rows, lifted_structure_pairs
 from ..pairwise import RowBlock, pair_blocks_to_learn_from, positive_pair_losses, row_losses
-from ..reducers import LossDict
-from .base import BaseMetricLossFunction, Batch, LossOptions, row_entry
+from ..reducers import LossDict, row_entry
+from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
 class LiftedStructureLoss(BaseMetricLossFunction):

@@ -31,7 +31,7 @@ from typing_extensions import Unpack
 from .._checks import check_positive_int
 from ..distances import BaseDistance, CosineSimilarity, LpDistance
 from ..functional import proxy_anchor_losses, proxy_nca_losses
-from ..reducers import BaseReducer, DivisorReducer, LossDict, LossInfo, scalar_entry
+from ..reducers import BaseReducer, DivisorReducer, LossDict, LossInfo, row_entry, scalar_entry
 from .base import BaseMetricLossFunction, Batch, LossOptions
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -212,13 +212,7 @@ class ProxyNCALoss(ClassWeightLoss):
             )
             mat = self.distance(emb, proxies).to(dtype)
             losses = proxy_nca_losses(mat, labels, self.softmax_scale, self.distance, weights)
-        loss_dict: LossDict = {
-            "loss": {
-                "losses": losses,
-                "indices": torch.arange(len(emb), device=emb.device),
-                "reduction_type": "element",
-            }
-        }
+        loss_dict: LossDict = {"loss": row_entry(losses)}
         self.add_weight_regularization(loss_dict, proxies)
         return loss_dict
 

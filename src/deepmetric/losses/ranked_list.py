@@ -9,8 +9,8 @@ from typing_extensions import Unpack
 
 from ..functional import ranked_list_rows
 from ..pairwise import PairBlocks, RowBlock, row_losses
-from ..reducers import LossDict
-from .base import BaseMetricLossFunction, Batch, LossOptions, row_entry
+from ..reducers import LossDict, row_entry
+from .base import BaseMetricLossFunction, Batch, LossOptions
 
 
 class RankedListLoss(BaseMetricLossFunction):

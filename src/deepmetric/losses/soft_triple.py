@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from .._checks import check_embeddings, check_positive_int
 from ..distances import BaseDistance, CosineSimilarity
 from ..functional import soft_triple_class_similarities, soft_triple_losses
-from ..reducers import LossDict
+from ..reducers import LossDict, row_entry
 from .base import Batch
 from .proxy import (
     ClassWeightLoss,
@@ -82,13 +81,7 @@ class SoftTripleLoss(ClassWeightLoss):
             weights = miner_weights(batch.indices_tuple, len(emb), emb.dtype, emb.device)
             class_sims = self._class_similarities(emb)
             losses = soft_triple_losses(class_sims, labels, self.la, self.margin, weights)
-            loss_dict: LossDict = {
-                "loss": {
-                    "losses": losses,
-                    "indices": torch.arange(len(emb), device=emb.device),
-                    "reduction_type": "element",
-                }
-            }
+            loss_dict: LossDict = {"loss": row_entry(losses)}
             self.add_weight_regularization(loss_dict, self.fc.to(emb.dtype).t())
         return loss_dict
 

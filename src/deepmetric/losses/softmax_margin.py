@@ -37,7 +37,7 @@ from ..functional import (
     normalized_softmax_losses,
 )
 from ..pairwise import matrix_to_unit_reference
-from ..reducers import LossDict
+from ..reducers import LossDict, row_entry
 from .base import Batch
 from .proxy import (
     ClassWeightLoss,
@@ -87,13 +87,7 @@ class NormalizedSoftmaxLoss(ClassWeightLoss):
             losses = normalized_softmax_losses(
                 sims, labels, self.temperature, self.distance, weights
             )
-            loss_dict: LossDict = {
-                "loss": {
-                    "losses": losses,
-                    "indices": torch.arange(len(emb), device=emb.device),
-                    "reduction_type": "element",
-                }
-            }
+            loss_dict: LossDict = {"loss": row_entry(losses)}
             self.add_weight_regularization(loss_dict, self.W.to(emb.dtype).t())
         return loss_dict
 
@@ -181,13 +175,7 @@ class LargeMarginSoftmaxLoss(ClassWeightLoss):
                 lambda logits: self.scale_logits(logits, emb),
                 weights,
             )
-            loss_dict: LossDict = {
-                "loss": {
-                    "losses": losses,
-                    "indices": torch.arange(len(emb), device=emb.device),
-                    "reduction_type": "element",
-                }
-            }
+            loss_dict: LossDict = {"loss": row_entry(losses)}
             self.add_weight_regularization(loss_dict, self.W.to(emb.dtype).t())
         return loss_dict
 
