@@ -156,6 +156,18 @@ def multi_similarity_rows(
     return pos_lse / alpha + neg_lse / beta, grad
 
 
+def _softmax_over_pairs(block: RowBlock, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The logits ``z = scale · mat`` of a block at its ``(P,)`` positive pairs, and the row-wise
+    log-sum-exp of ``z`` over each row's positives and negatives with its ``(c, R)`` softmax
+    weights (0 at every other entry: the diagonal, a query's own copy, unpaired entries)."""
+    rows, cols = block.pos_rows, block.pos_cols
+    logits = block.mat * scale
+    pos_logits = logits[rows, cols]
+    block.fill_non_negatives_(logits, -math.inf)[rows, cols] = pos_logits
+    lse, weights = row_softmax_(logits, with_one=False)
+    return pos_logits, lse, weights
+
+
 def supervised_contrastive_rows(
     block: RowBlock, temperature: float, distance: BaseDistance
 ) -> tuple[Tensor, Tensor]:
@@ -179,11 +191,7 @@ def supervised_contrastive_rows(
     """
     mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
     scale = (1.0 if distance.is_inverted else -1.0) / temperature  # d z / d mat
-    logits = mat * scale
-    pos_logits = logits[rows, cols]
-    # the softmax runs over the negatives and the positives: every other entry is left out
-    block.fill_non_negatives_(logits, -math.inf)[rows, cols] = pos_logits
-    lse, grad = row_softmax_(logits, with_one=False)
+    pos_logits, lse, grad = _softmax_over_pairs(block, scale)
     n_pos = torch.bincount(rows, minlength=len(mat)).to(mat.dtype)
     has_pos = n_pos > 0
     pos_mean = torch.zeros_like(n_pos).index_add_(0, rows, pos_logits) / n_pos.clamp_min(1)
@@ -538,10 +546,7 @@ def nca_rows(block: RowBlock, scale: float, distance: BaseDistance) -> tuple[Ten
     """
     mat, rows, cols = block.mat, block.pos_rows, block.pos_cols
     dz_dmat = scale if distance.is_inverted else -scale
-    logits = mat * dz_dmat
-    pos_logits = logits[rows, cols]
-    block.fill_non_negatives_(logits, -math.inf)[rows, cols] = pos_logits
-    all_lse, grad = row_softmax_(logits, with_one=False)
+    pos_logits, all_lse, grad = _softmax_over_pairs(block, dz_dmat)
     pos_lse, pos_weight = sparse_softmax(pos_logits, rows, len(mat), with_one=False)
     grad[rows, cols] -= pos_weight
     has_pos = torch.isfinite(pos_lse)
