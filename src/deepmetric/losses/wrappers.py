@@ -95,14 +95,14 @@ class MultipleLosses(nn.Module):
         super().__init__()
         if len(losses) == 0:
             raise ValueError("MultipleLosses needs at least one loss")
-        self.is_dict = isinstance(losses, Mapping)
-        keys: list[Any] = list(losses) if isinstance(losses, Mapping) else list(range(len(losses)))
+        is_dict = isinstance(losses, Mapping)
+        keys: list[Any] = list(losses) if is_dict else list(range(len(losses)))
         self.losses: nn.ModuleDict | nn.ModuleList = (
             nn.ModuleDict(losses) if isinstance(losses, Mapping) else nn.ModuleList(losses)
         )
         self.miners: nn.ModuleDict | nn.ModuleList | None = None
         if miners is not None:
-            _check_like_losses("miners", miners, keys, self.is_dict, every_key=False)
+            _check_like_losses("miners", miners, keys, is_dict, every_key=False)
             given = miners.values() if isinstance(miners, Mapping) else miners
             for miner in given:
                 if miner is not None and not isinstance(miner, nn.Module):
@@ -113,8 +113,8 @@ class MultipleLosses(nn.Module):
                 else nn.ModuleList(list(miners))  # type: ignore[arg-type]
             )
         if weights is None:
-            weights = {key: 1.0 for key in keys} if self.is_dict else [1.0] * len(keys)
-        _check_like_losses("weights", weights, keys, self.is_dict, every_key=True)
+            weights = {key: 1.0 for key in keys} if is_dict else [1.0] * len(keys)
+        _check_like_losses("weights", weights, keys, is_dict, every_key=True)
         self.weights = weights
 
     def forward(
