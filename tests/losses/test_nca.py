@@ -20,19 +20,31 @@ from tests.losses.ms_circle_margin_ranked_cases import _batch, _miner_tuples
 from tests.parity import assert_same_loss, value_and_grad
 
 
-def _loop_nca(emb: Tensor, labels: Tensor, scale: float) -> Tensor:
-    """For each query, -log Σ_{j same label} p_ij with p_ij ∝ exp(-scale · |x_i - x_j|²) over
-    j ≠ i (unit embeddings); the mean over the queries that have another sample of their label."""
-    unit = F.normalize(emb, dim=1)
+def _loop_nca(
+    queries: Tensor,
+    labels: Tensor,
+    scale: float = 1.0,
+    refs: Tensor | None = None,
+    ref_labels: Tensor | None = None,
+    own: list[int] | None = None,
+) -> Tensor:
+    """For each query, -log Σ_{j same label} p_ij with p_ij ∝ exp(-scale · |x_i - r_j|²) over
+    the references (unit vectors; the queries themselves by default), query ``i`` leaving out
+    reference ``own[i]`` (itself by default; -1 for none); the mean over the queries that have
+    a reference of their label."""
+    if refs is None or ref_labels is None:
+        refs, ref_labels, own = queries, labels, list(range(len(queries)))
+    own = own if own is not None else [-1] * len(queries)
+    q, r = F.normalize(queries, dim=1), F.normalize(refs, dim=1)
     losses = []
-    for i in range(len(emb)):
-        others = [j for j in range(len(emb)) if j != i]
-        if not any(labels[j] == labels[i] for j in others):
+    for i in range(len(q)):
+        cols = [j for j in range(len(r)) if j != own[i]]
+        if not any(ref_labels[j] == labels[i] for j in cols):
             continue
-        logits = torch.stack([-scale * ((unit[i] - unit[j]) ** 2).sum() for j in others])
+        logits = torch.stack([-scale * ((q[i] - r[j]) ** 2).sum() for j in cols])
         probs = torch.softmax(logits, dim=0)
-        same = torch.stack([probs[k] for k, j in enumerate(others) if labels[j] == labels[i]])
-        losses.append(-torch.log(same.sum()))
+        same = [probs[k] for k, j in enumerate(cols) if ref_labels[j] == labels[i]]
+        losses.append(-torch.log(torch.stack(same).sum()))
     return torch.stack(losses).mean()
 
 
@@ -145,23 +157,6 @@ def test_labels_are_required() -> None:
         NCALoss()(emb, None, tup)
 
 
-def _loop_nca_against(
-    queries: Tensor, labels: Tensor, refs: Tensor, ref_labels: Tensor, own: list[int]
-) -> Tensor:
-    """The loop of :func:`_loop_nca` over a separate reference set, query ``i`` leaving out
-    reference ``own[i]`` (its own copy; -1 for none)."""
-    q, r = F.normalize(queries, dim=1), F.normalize(refs, dim=1)
-    losses = []
-    for i in range(len(q)):
-        cols = [j for j in range(len(r)) if j != own[i]]
-        if not any(ref_labels[j] == labels[i] for j in cols):
-            continue
-        probs = torch.softmax(torch.stack([-((q[i] - r[j]) ** 2).sum() for j in cols]), dim=0)
-        same = [probs[k] for k, j in enumerate(cols) if ref_labels[j] == labels[i]]
-        losses.append(-torch.log(torch.stack(same).sum()))
-    return torch.stack(losses).mean()
-
-
 def test_in_a_cross_batch_memory_a_query_never_meets_its_own_copy() -> None:
     from deepmetric.losses import CrossBatchMemory
 
@@ -173,5 +168,5 @@ def test_in_a_cross_batch_memory_a_query_never_meets_its_own_copy() -> None:
     torch.testing.assert_close(memory(first, labels), NCALoss()(first, labels))
     # the second: the queue holds both batches; each query leaves out its own new copy
     refs, ref_labels = torch.cat([first, second]), torch.cat([labels, labels])
-    expected = _loop_nca_against(second, labels, refs, ref_labels, own=list(range(8, 16)))
+    expected = _loop_nca(second, labels, 1.0, refs, ref_labels, own=list(range(8, 16)))
     torch.testing.assert_close(memory(second, labels), expected)
